@@ -1,0 +1,3 @@
+from dynammo.cli import main
+
+raise SystemExit(main())

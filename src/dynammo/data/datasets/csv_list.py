@@ -1,0 +1,62 @@
+"""A CSV of `path,label` rows (header optional); paths relative to the CSV's folder.
+
+`data_root` is the CSV file, or a folder holding `train.csv` and `test.csv` (split kept) or one
+`labels.csv` (seeded stratified split). Labels may be names or integers; ids follow sorted names.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from dynammo.data.datasets import DATASETS, RawDataset
+from dynammo.data.datasets.folder import guess_channels, split_sources
+from dynammo.data.imageset import ImageSet
+from dynammo.errors import UserError
+
+
+def read_rows(path: Path):
+    if not path.is_file():
+        raise UserError(f"CSV file {path} does not exist; set data_root to a CSV of path,label rows")
+    rows = []
+    with path.open(newline="") as fh:
+        for i, row in enumerate(csv.reader(fh)):
+            if not row or all(not c.strip() for c in row):
+                continue
+            if len(row) < 2:
+                raise UserError(f"{path} line {i + 1} must be path,label; got {row!r}")
+            if i == 0 and row[0].strip().lower() in ("path", "file", "filename", "image"):
+                continue
+            p = Path(row[0].strip())
+            p = p if p.is_absolute() else path.parent / p
+            if not p.is_file():
+                raise UserError(f"{path} line {i + 1}: image {p} does not exist; fix the path")
+            rows.append((str(p), row[1].strip()))
+    if not rows:
+        raise UserError(f"CSV file {path} lists no images")
+    return rows
+
+
+def sort_key(name: str):
+    return (0, int(name), "") if name.lstrip("-").isdigit() else (1, 0, name)
+
+
+@DATASETS.register("csv")
+def load(cfg, root, seed) -> RawDataset:
+    root = Path(root)
+    if root.is_dir() and (root / "train.csv").is_file() and (root / "test.csv").is_file():
+        train_rows, test_rows = read_rows(root / "train.csv"), read_rows(root / "test.csv")
+    else:
+        csv_path = root if root.suffix.lower() == ".csv" else root / "labels.csv"
+        train_rows, test_rows = read_rows(csv_path), None
+    names = sorted({r[1] for r in train_rows + (test_rows or [])}, key=sort_key)
+    ids = {n: i for i, n in enumerate(names)}
+    if test_rows is None:
+        paths = [r[0] for r in train_rows]
+        labels = np.asarray([ids[r[1]] for r in train_rows], dtype=np.int64)
+        return split_sources("csv", names, paths, labels, cfg, seed)
+    channels = guess_channels([r[0] for r in train_rows])
+    mk = lambda rows: ImageSet(np.asarray([ids[r[1]] for r in rows]), sources=[r[0] for r in rows],
+                               channels=channels, size=cfg.img_size)
+    return RawDataset("csv", names, mk(train_rows), mk(test_rows))

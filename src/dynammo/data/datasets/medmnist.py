@@ -1,0 +1,148 @@
+"""MedMNIST v3 2D datasets (Yang et al., Scientific Data 2023): one `.npz` per flag and size.
+
+Files: `{flag}.npz` (28 px) or `{flag}_{64|128|224}.npz` in `data_root`, with keys
+`train_images, train_labels, val_images, val_labels, test_images, test_labels`.
+When the file is missing it is downloaded from the official Zenodo record and its md5 checked
+(known for the 28 px files); offline, the error names the expected file and where to get it.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dynammo.data.datasets import DATASETS, RawDataset
+from dynammo.data.imageset import ImageSet
+from dynammo.errors import UserError
+
+ZENODO = "https://zenodo.org/records/10519652/files/{file}?download=1"
+
+# Official md5 sums of the 28 px files (MedMNIST v3).
+MD5_28 = {
+    "pathmnist": "a8b06965200029087d5bd730944a56c1",
+    "dermamnist": "0744692d530f8e62ec473284d019b0c7",
+    "bloodmnist": "7053d0359d879ad8a5505303e11de1dc",
+    "breastmnist": "750601b1f35ba3300ea97c75c52ff8f6",
+    "pneumoniamnist": "28209eda62fecd6e6a2d98b1501bb15f",
+    "retinamnist": "bd4c0672f1bba3e3a89f0e4e876791e4",
+    "octmnist": "c68d92d5b585d8d81f7112f81e2d0842",
+    "chestmnist": "02c8a6516a18b556561a56cbdd36c4a8",
+    "tissuemnist": "ebe78ee8b05294063de985d821c1c34b",
+    "organamnist": "68e3f8846a6bd62f0c9bf841c0d9eacc",
+    "organcmnist": "b9ceb9546e10131b32923c5bbeaea2b1",
+    "organsmnist": "9ab87b696fb54e2a387ebe992d6ed5f1",
+}
+ORGANS = ["bladder", "femur-left", "femur-right", "heart", "kidney-left", "kidney-right", "liver",
+          "lung-left", "lung-right", "pancreas", "spleen"]
+CLASS_NAMES = {
+    "pathmnist": ["adipose", "background", "debris", "lymphocytes", "mucus", "smooth muscle",
+                  "normal colon mucosa", "cancer-associated stroma", "colorectal adenocarcinoma epithelium"],
+    "dermamnist": ["actinic keratoses and intraepithelial carcinoma", "basal cell carcinoma",
+                   "benign keratosis-like lesions", "dermatofibroma", "melanoma", "melanocytic nevi",
+                   "vascular lesions"],
+    "bloodmnist": ["basophil", "eosinophil", "erythroblast", "immature granulocytes", "lymphocyte",
+                   "monocyte", "neutrophil", "platelet"],
+    "breastmnist": ["malignant", "normal, benign"],
+    "pneumoniamnist": ["normal", "pneumonia"],
+    "retinamnist": ["grade 0", "grade 1", "grade 2", "grade 3", "grade 4"],
+    "octmnist": ["choroidal neovascularization", "diabetic macular edema", "drusen", "normal"],
+    "chestmnist": ["atelectasis", "cardiomegaly", "effusion", "infiltration", "mass", "nodule",
+                   "pneumonia", "pneumothorax", "consolidation", "edema", "emphysema", "fibrosis",
+                   "pleural", "hernia"],
+    "tissuemnist": ["collecting duct, connecting tubule", "distal convoluted tubule",
+                    "glomerular endothelial cells", "interstitial endothelial cells", "leukocytes",
+                    "podocytes", "proximal tubule segments", "thick ascending limb"],
+    "organamnist": ORGANS,
+    "organcmnist": ORGANS,
+    "organsmnist": ORGANS,
+}
+FLAGS = tuple(MD5_28)
+SIZES = ("", "_64", "_128", "_224")
+KEYS = ("train_images", "train_labels", "test_images", "test_labels")
+
+
+def md5sum(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(flag: str, file: str, dest: Path) -> None:
+    """Download to a temp file, check the md5 (when known), then move into place."""
+    url = ZENODO.format(file=file)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{file}.", dir=dest.parent)
+    os.close(fd)
+    try:
+        try:
+            urllib.request.urlretrieve(url, tmp)
+        except OSError as exc:
+            raise UserError(
+                f"MedMNIST file {dest} not found and could not be downloaded ({exc.__class__.__name__}); "
+                f"download {url} (md5 {MD5_28.get(flag, 'see medmnist.com') if file == flag + '.npz' else 'see medmnist.com'}) into {dest.parent}"
+            ) from exc
+        want = MD5_28.get(flag) if file == f"{flag}.npz" else None
+        if want is not None and md5sum(Path(tmp)) != want:
+            raise UserError(f"downloaded {file} has the wrong md5 (expected {want}); try the download again")
+        os.replace(tmp, dest)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def read_npz(path: Path, flag: str):
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in KEYS if k not in npz.files]
+            if missing:
+                raise UserError(f"{path} lacks {', '.join(missing)}; it is not a MedMNIST file (expected keys {', '.join(KEYS)})")
+            return {k: npz[k] for k in KEYS}
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise UserError(f"{path} is corrupt or truncated ({exc.__class__.__name__}); delete it and download it again") from exc
+
+
+def to_imageset(images: np.ndarray, labels: np.ndarray, flag: str, path: Path) -> ImageSet:
+    if images.ndim not in (3, 4) or images.dtype != np.uint8:
+        raise UserError(f"{path} images must be uint8 (N,H,W) or (N,H,W,3), got {images.dtype} {images.shape}")
+    labels = np.asarray(labels)
+    if flag == "chestmnist":  # multi-label: keep the images with exactly one finding
+        keep = labels.sum(axis=1) == 1
+        images, labels = images[keep], labels[keep].argmax(axis=1)
+    labels = labels.reshape(len(labels), -1)[:, 0].astype(np.int64)
+    if len(labels) != len(images):
+        raise UserError(f"{path} has {len(images)} images but {len(labels)} labels")
+    t = torch.from_numpy(images)
+    t = t[:, None] if t.ndim == 3 else t.permute(0, 3, 1, 2)
+    return ImageSet(torch.from_numpy(labels), images=t.contiguous())
+
+
+def make_loader(flag: str, suffix: str):
+    def load(cfg, root, seed) -> RawDataset:
+        file = f"{flag}{suffix}.npz"
+        path = Path(root) / file
+        if not path.is_file():
+            if not cfg.get("download", True):
+                raise UserError(f"MedMNIST file {path} not found; download {ZENODO.format(file=file)} into {root}")
+            download(flag, file, path)
+        arrays = read_npz(path, flag)
+        names = CLASS_NAMES[flag]
+        train = to_imageset(arrays["train_images"], arrays["train_labels"], flag, path)
+        test = to_imageset(arrays["test_images"], arrays["test_labels"], flag, path)
+        top = int(max(train.labels.max(), test.labels.max()))
+        if top >= len(names):
+            raise UserError(f"{path} has label {top}, but {flag} has {len(names)} classes; the file is not {flag}")
+        return RawDataset(f"{flag}{suffix}", list(names), train, test, flip=True)
+
+    return load
+
+
+for _flag in FLAGS:
+    for _suffix in SIZES:
+        DATASETS.register(f"{_flag}{_suffix}")(make_loader(_flag, _suffix))

@@ -1,0 +1,172 @@
+"""ImageSet: images + integer labels, held in memory as uint8 tensors or decoded lazily from files.
+
+Keeping decoded uint8 tensors in memory means 2 CPU cores are spent on training, not on decoding
+JPEGs every epoch; file-backed sets exist for datasets too large for memory.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from dynammo.errors import UserError
+
+Source = Union[str, bytes, tuple]  # a file path, encoded bytes, or (name, bytes) from an archive
+
+
+def decode_image(src: Source, channels: int, size: Optional[int]) -> torch.Tensor:
+    """Decode one image to a uint8 tensor (C, H, W), resized to size x size when given."""
+    name = src[0] if isinstance(src, tuple) else (src if isinstance(src, str) else "<bytes>")
+    data = src[1] if isinstance(src, tuple) else src
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
+            img = img.convert("L" if channels == 1 else "RGB")
+            if size is not None and img.size != (size, size):
+                img = img.resize((size, size), Image.BILINEAR)
+            arr = np.array(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise UserError(f"image {name} cannot be read ({exc.__class__.__name__}); remove or replace the file") from exc
+    if arr.ndim == 2:
+        arr = arr[None]
+    else:
+        arr = arr.transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize a uint8 (N, C, H, W) tensor, in chunks to bound memory."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    out = []
+    for chunk in images.split(4096):
+        x = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out.append(x.round_().clamp_(0, 255).to(torch.uint8))
+    return torch.cat(out) if out else images.new_zeros((0, images.shape[1], size, size))
+
+
+@dataclass
+class ImageSet:
+    """labels: int64 (N,). Exactly one of `images` (uint8 N,C,H,W) or `sources` (lazy files) is set."""
+
+    labels: torch.Tensor
+    images: Optional[torch.Tensor] = None
+    sources: Optional[List[Source]] = None
+    channels: int = 3
+    size: Optional[int] = None
+
+    def __post_init__(self):
+        self.labels = torch.as_tensor(self.labels, dtype=torch.long)
+        if self.images is not None:
+            self.channels = int(self.images.shape[1])
+            self.size = int(self.images.shape[-1])
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+    @property
+    def in_memory(self) -> bool:
+        return self.images is not None
+
+    def subset(self, idx) -> "ImageSet":
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        if self.in_memory:
+            return ImageSet(self.labels[idx], images=self.images[idx])
+        return ImageSet(self.labels[idx], sources=[self.sources[i] for i in idx.tolist()],
+                        channels=self.channels, size=self.size)
+
+    def of_classes(self, classes: Sequence[int]) -> "ImageSet":
+        mask = torch.isin(self.labels, torch.as_tensor(list(classes), dtype=torch.long))
+        return self.subset(mask.nonzero().flatten())
+
+    def get(self, idx: torch.Tensor) -> torch.Tensor:
+        """uint8 batch (B, C, H, W) for the given indices."""
+        if self.in_memory:
+            return self.images[idx]
+        return torch.stack([self.decode(i) for i in idx.tolist()])
+
+    def decode(self, i: int) -> torch.Tensor:
+        return decode_image(self.sources[i], self.channels, self.size)
+
+    def materialize(self) -> "ImageSet":
+        """Decode every file into memory."""
+        if self.in_memory:
+            return self
+        if len(self) == 0:
+            raise UserError("an image set is empty; check the dataset folder")
+        imgs = [self.decode(i) for i in range(len(self))]
+        shapes = {tuple(t.shape) for t in imgs}
+        if len(shapes) > 1:
+            raise UserError(f"images have different sizes {sorted(shapes)[:3]}...; set img_size=N to resize them")
+        return ImageSet(self.labels.clone(), images=torch.stack(imgs))
+
+    def nbytes_per_image(self) -> int:
+        if self.in_memory:
+            return int(self.images[0].numel()) if len(self) else 0
+        side = self.size or 0
+        return self.channels * side * side
+
+    def with_labels(self, labels: torch.Tensor) -> "ImageSet":
+        return ImageSet(labels, images=self.images, sources=self.sources, channels=self.channels, size=self.size)
+
+    def to_channels(self, channels: int) -> "ImageSet":
+        if self.channels == channels:
+            return self
+        if not self.in_memory:
+            return ImageSet(self.labels, sources=self.sources, channels=channels, size=self.size)
+        if self.channels == 1 and channels == 3:
+            return ImageSet(self.labels, images=self.images.expand(-1, 3, -1, -1).contiguous())
+        raise UserError(f"cannot convert {self.channels}-channel images to {channels} channels")
+
+    def resized(self, size: int) -> "ImageSet":
+        if self.in_memory:
+            return ImageSet(self.labels, images=resize_uint8(self.images, size))
+        return ImageSet(self.labels, sources=self.sources, channels=self.channels, size=size)
+
+    @staticmethod
+    def concat(sets: Sequence["ImageSet"]) -> "ImageSet":
+        sets = [s for s in sets if s is not None and len(s) > 0]
+        if not sets:
+            return ImageSet(torch.zeros(0, dtype=torch.long), images=torch.zeros(0, 3, 1, 1, dtype=torch.uint8))
+        if len(sets) == 1:
+            return sets[0]
+        if all(s.in_memory for s in sets):
+            return ImageSet(torch.cat([s.labels for s in sets]), images=torch.cat([s.images for s in sets]))
+        if any(s.in_memory for s in sets):
+            raise ValueError("cannot mix in-memory and file-backed image sets")
+        sources = [x for s in sets for x in s.sources]
+        return ImageSet(torch.cat([s.labels for s in sets]), sources=sources, channels=sets[0].channels,
+                        size=sets[0].size)
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int):
+    """Seeded stratified split -> (train_idx, test_idx), both sorted. Each class keeps >= 1 train image."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        n_test = int(round(len(idx) * test_fraction))
+        n_test = min(max(n_test, 1 if test_fraction > 0 and len(idx) > 1 else 0), len(idx) - 1)
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def subsample_per_class(labels: torch.Tensor, max_per_class: Optional[int], seed: int) -> torch.Tensor:
+    """Seeded subset of indices with at most max_per_class of each class (order kept)."""
+    if max_per_class is None:
+        return torch.arange(len(labels))
+    g = torch.Generator().manual_seed(seed)
+    keep = []
+    for c in torch.unique(labels).tolist():
+        idx = (labels == c).nonzero().flatten()
+        if len(idx) > max_per_class:
+            idx = idx[torch.randperm(len(idx), generator=g)[:max_per_class]]
+        keep.append(idx)
+    return torch.sort(torch.cat(keep)).values

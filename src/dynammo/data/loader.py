@@ -1,0 +1,46 @@
+"""Batches of (uint8 images, labels) from an ImageSet: tensor slicing when in memory, a
+DataLoader with workers when decoding files."""
+from __future__ import annotations
+
+from typing import Iterator, Optional, Tuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from dynammo.data.imageset import ImageSet
+
+
+class _FileDataset(Dataset):
+    def __init__(self, images: ImageSet):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images.decode(i), self.images.labels[i]
+
+
+def iterate_batches(data: ImageSet, batch_size: int, shuffle: bool = False,
+                    generator: Optional[torch.Generator] = None, num_workers: int = 0,
+                    drop_last: bool = False) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yields (uint8 images, labels, indices into `data`)."""
+    n = len(data)
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    if drop_last and n > batch_size:
+        order = order[: n - n % batch_size]
+    if data.in_memory:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            yield data.images[idx], data.labels[idx], idx
+        return
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    loader = DataLoader(_FileDataset(data), batch_sampler=[b.tolist() for b in batches], num_workers=num_workers)
+    for idx, (x, y) in zip(batches, loader):
+        yield x, y, idx
+
+
+def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
+    if drop_last and n > batch_size:
+        return n // batch_size
+    return (n + batch_size - 1) // batch_size

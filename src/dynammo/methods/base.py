@@ -1,0 +1,104 @@
+"""The method API. A method says only what differs; the runner and the engine do the rest.
+
+Lifecycle, per task: `begin_task` (grow heads) -> `train_task` (one or more `engine.fit` stages)
+-> `end_task` (update memory). At evaluation the runner calls `predict` on batches of test images.
+
+- A single-stage method overrides `step` (the loss of one batch) and maybe `training_set`.
+- A multi-stage method overrides `train_task` and calls `self.engine.fit(params, data, loss, settings)`
+  once per stage.
+- GEM-like methods pass `before_step` to `fit` (runs between backward and the optimiser step).
+- `predict` returns {"logits": (B, n_seen)} (class-IL argmax, task-IL argmax within the task's
+  classes); a method with its own decision rule may add "pred" (B,) and "task_il_logits".
+Device, AMP, progress bars, metrics, checkpoints and cost accounting come from the framework.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dynammo.config import Option
+from dynammo.data.imageset import ImageSet
+from dynammo.data.memory import ExemplarMemory
+from dynammo.data.scenario import Scenario, Task
+from dynammo.engine import Batch, Engine, OptimSettings
+from dynammo.errors import UserError
+from dynammo.models.backbones import build_backbone
+from dynammo.models.network import IncrementalNet
+
+
+class Method:
+    options: Dict[str, Option] = {}  # method-specific config keys
+    uses_memory = False
+    summary = ""
+
+    def __init__(self, cfg, engine: Engine, scenario: Scenario):
+        self.cfg = cfg
+        self.engine = engine
+        self.scenario = scenario
+        self.device = engine.device
+        self.net = self.build_network()
+        self.memory: Optional[ExemplarMemory] = ExemplarMemory.from_config(cfg) if self.uses_memory else None
+        self.known = 0  # classes learned before the current task
+        self.total = 0  # classes learned including the current task
+
+    # ---- configuration checks, before anything is written ----
+    @classmethod
+    def check_config(cls, cfg, num_classes: int) -> None:
+        if cls.uses_memory:
+            if not cfg.memory_per_class and cfg.memory_size <= 0:
+                raise UserError(f"method '{cfg.method}' needs an exemplar memory; set memory_size=N (e.g. 2000) or memory_per_class=N")
+            ExemplarMemory.from_config(cfg).check_budget(num_classes)
+
+    # ---- model ----
+    def build_network(self) -> nn.Module:
+        return IncrementalNet(build_backbone(self.cfg.backbone, self.cfg.pretrained))
+
+    def train_mode(self) -> None:
+        self.net.train()
+
+    def eval_mode(self) -> None:
+        self.net.eval()
+
+    # ---- lifecycle ----
+    def begin_task(self, task: Task) -> None:
+        self.known, self.total = task.start, task.end
+        self.net.head.expand(task.size)
+        self.net.to(self.device)
+
+    def training_set(self, task: Task) -> ImageSet:
+        return self.scenario.train_data(task)
+
+    def train_task(self, task: Task) -> None:
+        self.train_mode()
+        self.engine.fit(self.net.parameters(), self.training_set(task), self.step, OptimSettings.from_config(self.cfg))
+
+    def step(self, batch: Batch):
+        logits = self.net(batch.x)
+        return F.cross_entropy(logits, batch.y), logits, batch.y
+
+    def end_task(self, task: Task) -> None:
+        if self.memory is not None:
+            self.eval_mode()
+            self.memory.update(self.scenario.train_data(task), task.classes, task.end, self.features,
+                               self.engine.generator)
+
+    # ---- inference ----
+    def predict(self, x: torch.Tensor) -> dict:
+        return {"logits": self.net(x)}
+
+    def features(self, data: ImageSet) -> torch.Tensor:
+        """Features used for exemplar selection (eval mode, test transform)."""
+        return self.engine.apply(self.net.features, data)
+
+    # ---- accounting and checkpoints ----
+    def memory_stats(self) -> tuple:
+        if self.memory is None:
+            return 0, 0
+        return len(self.memory), self.memory.nbytes
+
+    def state_dict(self) -> dict:
+        return {"net": self.net.state_dict(), "known": self.known, "total": self.total,
+                "memory": self.memory.state_dict() if self.memory is not None else None}

@@ -1,0 +1,18 @@
+"""Joint: after each task, a fresh model trained on all the data of every class seen so far, all
+classes at once. No continual constraint: the upper bound the other methods are measured against."""
+from dynammo.methods import METHODS
+from dynammo.methods.base import Method
+
+
+@METHODS.register("joint", aliases=("joint_il", "upper_bound", "offline"))
+class Joint(Method):
+    summary = "all seen data at once, fresh model per task (upper bound)"
+
+    def begin_task(self, task) -> None:
+        self.known, self.total = task.start, task.end
+        self.net = self.build_network()  # fresh: trained on every seen class at once
+        self.net.head.expand(task.end)
+        self.net.to(self.device)
+
+    def training_set(self, task):
+        return self.scenario.train.of_classes(range(task.end))

@@ -1,0 +1,114 @@
+"""Continual-learning metrics (accuracies in percent). No method may override these, so numbers
+compare across methods.
+
+a = acc_matrix, a[j][i] = accuracy on task i's classes after training task j (None for i > j).
+- acc[j]: accuracy on all test samples of the classes seen up to task j (sample-weighted)
+- avg_acc: mean of acc (average incremental accuracy, Rebuffi et al. 2017); last_acc = acc[-1]
+- forgetting (Chaudhry et al. 2018): mean over i < T-1 of max_{i<=j<=T-2} a[j][i] - a[T-1][i]
+- bwt (Lopez-Paz & Ranzato 2017): mean over i < T-1 of a[T-1][i] - a[i][i]
+- mcr[j]: mean over seen classes of per-class recall (balanced accuracy)
+- task_il_acc[j]: accuracy when the task id is given
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+
+def _np(x) -> np.ndarray:
+    return x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def accuracy(y_true, y_pred) -> float:
+    y_true, y_pred = _np(y_true), _np(y_pred)
+    return float(100.0 * (y_true == y_pred).mean()) if len(y_true) else float("nan")
+
+
+def mean_class_recall(y_true, y_pred, classes: Optional[Sequence[int]] = None) -> float:
+    y_true, y_pred = _np(y_true), _np(y_pred)
+    classes = np.unique(y_true) if classes is None else classes
+    recalls = [(y_pred[y_true == c] == c).mean() for c in classes if (y_true == c).any()]
+    return float(100.0 * np.mean(recalls)) if recalls else float("nan")
+
+
+def confusion_matrix(y_true, y_pred, num_classes: int) -> np.ndarray:
+    """cm[t][p] = number of samples of class t predicted as p."""
+    y_true, y_pred = _np(y_true).astype(np.int64), _np(y_pred).astype(np.int64)
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(cm, (y_true, y_pred), 1)
+    return cm
+
+
+def forgetting(a: List[List[Optional[float]]]) -> Optional[float]:
+    T = len(a)
+    if T < 2:
+        return None
+    return float(np.mean([max(a[j][i] for j in range(i, T - 1)) - a[T - 1][i] for i in range(T - 1)]))
+
+
+def bwt(a: List[List[Optional[float]]]) -> Optional[float]:
+    T = len(a)
+    if T < 2:
+        return None
+    return float(np.mean([a[T - 1][i] - a[i][i] for i in range(T - 1)]))
+
+
+def task_il_predictions(scores: torch.Tensor, y_true: torch.Tensor, bounds: Sequence[Tuple[int, int]]) -> torch.Tensor:
+    """argmax of each sample's scores restricted to the classes of its own (true) task."""
+    pred = torch.empty_like(y_true)
+    for start, end in bounds:
+        mask = (y_true >= start) & (y_true < end)
+        if mask.any():
+            pred[mask] = scores[mask][:, start:end].argmax(1) + start
+    return pred
+
+
+class ContinualMetrics:
+    """Collects the evaluation after each task and derives every summary metric."""
+
+    def __init__(self, bounds: Sequence[Tuple[int, int]]):
+        self.bounds = list(bounds)
+        self.acc_matrix: List[List[Optional[float]]] = []
+        self.acc: List[float] = []
+        self.mcr: List[float] = []
+        self.task_il_acc: List[float] = []
+        self.extra: Dict[str, List[float]] = {}
+        self.last_confusion: Optional[np.ndarray] = None
+
+    def add(self, j: int, y_true, y_pred, y_pred_task_il=None, extra_preds: Optional[dict] = None) -> None:
+        y_true, y_pred = _np(y_true), _np(y_pred)
+        row: List[Optional[float]] = []
+        for i, (start, end) in enumerate(self.bounds):
+            if i > j:
+                row.append(None)
+                continue
+            mask = (y_true >= start) & (y_true < end)
+            row.append(accuracy(y_true[mask], y_pred[mask]))
+        self.acc_matrix.append(row)
+        seen_end = self.bounds[j][1]
+        self.acc.append(accuracy(y_true, y_pred))
+        self.mcr.append(mean_class_recall(y_true, y_pred, range(seen_end)))
+        if y_pred_task_il is not None:
+            self.task_il_acc.append(accuracy(y_true, y_pred_task_il))
+        for name, pred in (extra_preds or {}).items():
+            self.extra.setdefault(name, []).append(accuracy(y_true, pred))
+        self.last_confusion = confusion_matrix(y_true, y_pred, seen_end)
+
+    def summary(self) -> dict:
+        out = {
+            "acc_matrix": self.acc_matrix,
+            "acc": self.acc,
+            "mcr": self.mcr,
+            "task_il_acc": self.task_il_acc or None,
+            "avg_acc": float(np.mean(self.acc)) if self.acc else None,
+            "last_acc": self.acc[-1] if self.acc else None,
+            "avg_mcr": float(np.mean(self.mcr)) if self.mcr else None,
+            "last_mcr": self.mcr[-1] if self.mcr else None,
+            "forgetting": forgetting(self.acc_matrix),
+            "bwt": bwt(self.acc_matrix),
+        }
+        if self.extra:
+            out["extra"] = {k: {"acc": v, "avg_acc": float(np.mean(v)), "last_acc": v[-1]} for k, v in self.extra.items()}
+        return out

@@ -1,0 +1,182 @@
+"""Backbones: torchvision ResNets (ImageNet stem), the same with a CIFAR stem, and CIFAR ResNets
+(He et al. 2016, sec. 4.2: 6n+2 layers, 16/32/64 channels).
+
+Every backbone exposes its residual stages by name (`stage_names`), and its forward takes an
+optional `stage_hook(name, x) -> x` applied at the input of each stage: adapters (ACL, DynaMMo) and
+feature distillation (PODNet) plug in there without subclassing. Parameter names follow
+torchvision, so torchvision and timm ResNet state dicts load directly.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+from dynammo.errors import UserError
+from dynammo.registry import Registry
+
+BACKBONES: Registry = Registry("backbone")
+StageHook = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+class Backbone(nn.Module):
+    stage_names: List[str]
+    out_dim: int
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, stage_hook: Optional[StageHook] = None, return_stages: bool = False):
+        x = self.stem(x)
+        stages = []
+        for name in self.stage_names:
+            if stage_hook is not None:
+                x = stage_hook(name, x)
+            x = getattr(self, name)(x)
+            stages.append(x)
+        feat = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return (feat, stages) if return_stages else feat
+
+    def stage_channels(self) -> List[int]:
+        """Channels at the input of each stage."""
+        raise NotImplementedError
+
+
+class TorchvisionResNet(Backbone):
+    def __init__(self, arch: str, cifar_stem: bool = False):
+        super().__init__()
+        net = getattr(torchvision.models, arch)(weights=None)
+        self.arch = arch
+        if cifar_stem:  # 3x3 stride-1 stem, no max-pool: keeps resolution for 32 px images
+            net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            net.maxpool = nn.Identity()
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.stage_names = ["layer1", "layer2", "layer3", "layer4"]
+        self.out_dim = net.fc.in_features
+
+    def stem(self, x):
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+    def stage_channels(self):
+        return [64] + [self._out_channels(n) for n in self.stage_names[:-1]]
+
+    def _out_channels(self, name):
+        block = getattr(self, name)[-1]
+        return (block.conv3 if hasattr(block, "conv3") else block.conv2).out_channels
+
+
+class _CifarBlock(nn.Module):
+    """Basic block with the parameter-free 'option A' shortcut (subsample + zero-pad channels)."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.stride, self.extra = stride, cout - cin
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        short = x
+        if self.stride != 1 or self.extra:
+            short = x[:, :, :: self.stride, :: self.stride]
+            short = F.pad(short, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
+        return F.relu(out + short)
+
+
+class CifarResNet(Backbone):
+    def __init__(self, depth: int):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError("CIFAR ResNet depth must be 6n+2")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        cin = 16
+        self.stage_names = ["layer1", "layer2", "layer3"]
+        for i, cout in enumerate((16, 32, 64)):
+            blocks = [_CifarBlock(cin if b == 0 else cout, cout, 2 if (b == 0 and i > 0) else 1) for b in range(n)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+            cin = cout
+        self.out_dim = 64
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def stem(self, x):
+        return F.relu(self.bn1(self.conv1(x)))
+
+    def stage_channels(self):
+        return [16, 16, 32]
+
+
+for _arch in ("resnet18", "resnet34", "resnet50"):
+    BACKBONES.register(_arch)(lambda a=_arch: TorchvisionResNet(a))
+    BACKBONES.register(f"{_arch}_cifar")(lambda a=_arch: TorchvisionResNet(a, cifar_stem=True))
+for _depth in (20, 32, 44, 56):
+    BACKBONES.register(f"resnet{_depth}")(lambda d=_depth: CifarResNet(d))
+
+TORCHVISION_WEIGHTS = {"resnet18": "ResNet18_Weights", "resnet34": "ResNet34_Weights", "resnet50": "ResNet50_Weights"}
+CLASSIFIER_PREFIXES = ("fc.", "head.", "classifier.", "linear.")
+
+
+def read_state_dict(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"pretrained weights file {path} does not exist; give the path of a saved state dict")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated file, a pickle with code, not a torch file
+        raise UserError(f"pretrained weights file {path} cannot be loaded ({exc.__class__.__name__}); "
+                        "save it with torch.save(model.state_dict(), path)") from exc
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise UserError(f"pretrained weights file {path} does not hold a state dict")
+    return {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
+
+
+def load_pretrained(backbone: Backbone, path) -> None:
+    """Load a torchvision/timm-format state dict; the classifier is dropped, any other mismatch is an error."""
+    path = Path(path)
+    state = {k: v for k, v in read_state_dict(path).items() if not k.startswith(CLASSIFIER_PREFIXES)}
+    own = backbone.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+    if wrong:
+        problems.append(f"{len(wrong)} keys of the wrong shape (e.g. {wrong[0]}: {tuple(state[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)})")
+    if problems:
+        raise UserError(f"pretrained weights {path} do not match backbone {type(backbone).__name__}: "
+                        f"{'; '.join(problems)}; use weights of the same architecture")
+    backbone.load_state_dict(state)
+
+
+def build_backbone(name: str, pretrained=False) -> Backbone:
+    key = BACKBONES.canonical(name)
+    backbone = BACKBONES.get(key)()
+    if pretrained is True:
+        if key not in TORCHVISION_WEIGHTS:
+            raise UserError(f"no downloadable pretrained weights for backbone '{key}'; use pretrained=false or a file path")
+        weights = getattr(torchvision.models, TORCHVISION_WEIGHTS[key]).IMAGENET1K_V1
+        try:
+            state = weights.get_state_dict(progress=False)
+        except Exception as exc:  # no network, proxy errors, ...
+            raise UserError(f"could not download pretrained weights for {key} ({exc.__class__.__name__}); "
+                            f"download them elsewhere ({weights.url}) and set pretrained=PATH") from exc
+        backbone.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")})
+    elif pretrained:
+        load_pretrained(backbone, pretrained)
+    return backbone

@@ -1,0 +1,164 @@
+"""Run outputs: results.json, metrics.csv, TensorBoard scalars, checkpoints and plots.
+
+Every file is written atomically, so a crash or a full disk leaves the previous version intact.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import platform
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import yaml
+
+from dynammo import __version__
+from dynammo.errors import UserError
+from dynammo.io import save_torch_atomic, write_bytes_atomic, write_json_atomic, write_text_atomic
+
+CSV_FIELDS = ["task", "classes", "acc", "mcr", "task_il_acc", "avg_acc_so_far", "params_total",
+              "params_trainable", "inference_gflops", "memory_exemplars", "memory_bytes", "train_seconds"]
+
+
+def versions() -> dict:
+    import torch
+    import torchvision
+
+    return {"dynammo": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": np.__version__, "python": platform.python_version()}
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse to write into a directory that already holds a run."""
+    if (run_dir / "results.json").exists() or (run_dir / "checkpoints").exists():
+        raise UserError(f"run directory {run_dir} already holds a run; choose another --out or remove it")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {run_dir} is a file; give a directory")
+
+
+class RunWriter:
+    def __init__(self, run_dir: Path, cfg, tensorboard: bool = True):
+        self.dir = Path(run_dir)
+        check_run_dir(self.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "checkpoints").mkdir(exist_ok=True)
+        write_text_atomic(self.dir / "config.yaml", yaml.safe_dump(dict(cfg), sort_keys=False))
+        self.rows: List[dict] = []
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.dir / "tb"))
+            except ImportError:  # tensorboard is a declared dependency; tolerate its absence
+                self.tb = None
+
+    def write_results(self, results: dict) -> None:
+        write_json_atomic(self.dir / "results.json", results)
+
+    def add_row(self, row: dict) -> None:
+        self.rows.append(row)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        write_text_atomic(self.dir / "metrics.csv", buf.getvalue())
+        if self.tb is not None:
+            for key in ("acc", "mcr", "task_il_acc", "inference_gflops", "memory_exemplars"):
+                if row.get(key) is not None:
+                    self.tb.add_scalar(f"eval/{key}", row[key], row["task"])
+            self.tb.flush()
+
+    def save_checkpoint(self, task_id: int, state: dict) -> Path:
+        path = self.dir / "checkpoints" / f"task_{task_id}.pt"
+        save_torch_atomic(path, state)
+        return path
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _save_fig(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def make_plots(results: dict, confusion: Optional[np.ndarray], out_dir: Path, class_names: List[str]) -> None:
+    """accuracy.png (accuracy after each task), acc_matrix.png (heatmap), confusion.png (last task)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    title = f"{results['method']} on {results['dataset']} (seed {results['seed']})"
+    acc = results["acc"]
+    tasks = np.arange(1, len(acc) + 1)
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.plot(tasks, acc, "o-", label=f"accuracy (avg {results['avg_acc']:.1f})")
+    if results.get("mcr"):
+        ax.plot(tasks, results["mcr"], "s--", label="mean class recall")
+    if results.get("task_il_acc"):
+        ax.plot(tasks, results["task_il_acc"], "^:", label="task-IL accuracy")
+    ax.set_xlabel("after task")
+    ax.set_ylabel("% on all seen classes")
+    ax.set_xticks(tasks)
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title, fontsize=10)
+    _save_fig(fig, out_dir / "accuracy.png")
+    plt.close(fig)
+
+    a = np.array([[np.nan if v is None else v for v in row] for row in results["acc_matrix"]], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(a), 1.0 + 0.6 * len(a)))
+    im = ax.imshow(a, vmin=0, vmax=100, cmap="viridis")
+    for (j, i), v in np.ndenumerate(a):
+        if not np.isnan(v):
+            ax.text(i, j, f"{v:.0f}", ha="center", va="center", color="white" if v < 60 else "black", fontsize=8)
+    ax.set_xlabel("evaluated on task")
+    ax.set_ylabel("after training task")
+    ax.set_xticks(range(len(a)))
+    ax.set_yticks(range(len(a)))
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_title("accuracy matrix (%)", fontsize=10)
+    _save_fig(fig, out_dir / "acc_matrix.png")
+    plt.close(fig)
+
+    if confusion is not None:
+        n = len(confusion)
+        rows = confusion.sum(1, keepdims=True)
+        norm = np.divide(confusion, rows, out=np.zeros_like(confusion, dtype=float), where=rows > 0)
+        fig, ax = plt.subplots(figsize=(2 + 0.45 * n, 1.5 + 0.45 * n))
+        ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
+        if n <= 20:
+            for (t, p), v in np.ndenumerate(confusion):
+                ax.text(p, t, str(v), ha="center", va="center", fontsize=7, color="white" if norm[t, p] > 0.5 else "black")
+            names = [c if len(c) <= 14 else c[:13] + "…" for c in class_names[:n]]
+            ax.set_xticks(range(n), names, rotation=60, ha="right", fontsize=7)
+            ax.set_yticks(range(n), names, fontsize=7)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title("confusion after the last task", fontsize=10)
+        _save_fig(fig, out_dir / "confusion.png")
+        plt.close(fig)
+
+
+def format_table(results: dict) -> str:
+    """Accuracy after each task, as the console and log.txt show it."""
+    a = results["acc_matrix"]
+    T = len(a)
+    head = "after task | " + " ".join(f"T{i + 1:>5}" for i in range(T)) + " |   acc    mcr  tIL-acc"
+    lines = [head, "-" * len(head)]
+    til = results.get("task_il_acc") or []
+    for j, row in enumerate(a):
+        cells = " ".join(f"{v:6.1f}" if v is not None else "     -" for v in row)
+        t = f"{til[j]:7.1f}" if j < len(til) else "      -"
+        lines.append(f"{j + 1:>10} | {cells} | {results['acc'][j]:5.1f} {results['mcr'][j]:6.1f} {t}")
+    f = results.get("forgetting")
+    lines.append(f"avg acc {results['avg_acc']:.2f}  last acc {results['last_acc']:.2f}"
+                 + (f"  forgetting {f:.2f}  bwt {results['bwt']:.2f}" if f is not None else ""))
+    return "\n".join(lines)
