@@ -1,0 +1,68 @@
+"""`python main.py --config X.yaml --device N`: the reference framework's command line."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from dynammo.config import build_config, read_yaml
+from dynammo.errors import UserError
+
+SECTIONS = ("basic", "usual", "special")
+
+
+def flatten_reference_config(raw: dict) -> dict:
+    """Merge the reference's sections into one flat mapping; `options[dataset][backbone]` (or
+    `options[dataset]`) holds the per-setting training keys."""
+    flat = {k: v for k, v in raw.items() if k not in SECTIONS + ("options",)}
+    for section in SECTIONS:
+        part = raw.get(section) or {}
+        if not isinstance(part, dict):
+            raise UserError(f"section '{section}' of the config must be a mapping")
+        flat.update(part)
+    options = raw.get("options")
+    if isinstance(options, dict):
+        ds = flat.get("dataset")
+        bb = flat.get("backbone", flat.get("convnet_type"))
+        per_ds = options.get(ds) if isinstance(ds, str) else None
+        if isinstance(per_ds, dict):
+            chosen = per_ds.get(bb) if isinstance(per_ds.get(bb), dict) else per_ds
+            flat.update({k: v for k, v in chosen.items() if not isinstance(v, dict)})
+    return flat
+
+
+def reference_device(value: str) -> str:
+    """'0' or '0,1' -> cuda:0 (the first GPU); '-1' or 'cpu' -> cpu."""
+    value = str(value).strip()
+    if value in ("-1", "cpu", ""):
+        return "cpu"
+    first = value.split(",")[0].strip()
+    return f"cuda:{first}" if first.isdigit() else first
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = argparse.ArgumentParser(description="dynammo with the reference framework's command line")
+    parser.add_argument("--config", required=True, help="YAML options file")
+    parser.add_argument("--device", help="GPU index as in the reference ('0'), or cpu")
+    parser.add_argument("--out", help="run directory")
+    args = parser.parse_args(argv)
+    try:
+        from dynammo.console import Console
+        from dynammo.runner import run_experiment
+
+        raw = flatten_reference_config(read_yaml(args.config))
+        if args.device is not None:
+            raw["device"] = reference_device(args.device)
+        notices: list = []
+        cfg = build_config(raw, notices)
+        console = Console(progress=cfg.progress)
+        for n in notices:
+            console.print(n)
+        run_experiment(cfg, Path(args.out) if args.out else None, console)
+        return 0
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
