@@ -41,9 +41,12 @@ def _fail(key, want, value):
 
 
 def _as_int(key, v):
+    if isinstance(v, str):
+        try:
+            return int(v.strip())
+        except ValueError:
+            _fail(key, "an integer", v)
     if isinstance(v, bool) or not isinstance(v, int):
-        if isinstance(v, str) and v.strip().lstrip("-").isdigit():
-            return int(v)
         _fail(key, "an integer", v)
     return v
 
@@ -168,6 +171,7 @@ OPTIONS: Dict[str, Option] = {
     "num_workers": Option("int", 0, "data-loading workers for file-backed datasets", min=0),
     "max_train_per_class": Option("int", None, "seeded subsample of each class's training images", min=1),
     "max_test_per_class": Option("int", None, "seeded subsample of each class's test images", min=1),
+    "download": Option("bool", True, "download missing dataset files (MedMNIST) when online"),
     "test_fraction": Option("float", 0.2, "test share for datasets without an official split", min=0.0),
     "augment": Option("bool", True, "default training augmentation (random crop + horizontal flip)"),
     "normalize": Option("str", "dataset", "per-channel normalisation statistics",
@@ -197,7 +201,7 @@ ALIASES = {
 IGNORED_REFERENCE_KEYS = {
     "prefix", "version_name", "note", "save_models", "logger_type", "apply_nme", "incre_type",
     "eval_metric", "save_pred_record", "checkpoint_names", "openset_test", "is_openset_test",
-    "fixed_memory", "convnet", "topk", "log_dir", "save_path",
+    "fixed_memory", "convnet", "topk", "log_dir", "save_path", "method_type", "split_dataset",
 }
 
 

@@ -17,7 +17,7 @@ from dynammo.data.scenario import Scenario
 from dynammo.data.transforms import make_transforms
 from dynammo.engine import Engine, resolve_device, seed_everything
 from dynammo.errors import UserError
-from dynammo.metrics import ContinualMetrics, task_il_predictions
+from dynammo.metrics import ContinualMetrics, accuracy, task_il_predictions
 from dynammo.methods import METHODS
 from dynammo.report import RunWriter, check_run_dir, format_table, make_plots, versions
 from dynammo.io import write_json_atomic
@@ -71,21 +71,21 @@ def run_single(cfg: Config, run_dir: Path, console: Console) -> dict:
     data = load_data(cfg, seed)
     scenario = Scenario.from_config(data, cfg, seed)
     method_cls.check_config(cfg, data.num_classes)
+    engine = Engine(cfg, console, device, seed)
+    engine.set_transforms(*make_transforms(data, cfg.augment))
+    method = method_cls(cfg, engine, scenario)  # builds the backbone: checks names and pretrained weights
 
     writer = RunWriter(run_dir, cfg, tensorboard=cfg.tensorboard)
+    engine.tb = writer.tb
     console.attach(run_dir / "log.txt")
     try:
-        return _train_all_tasks(cfg, seed, device, method_cls, data, scenario, writer, console)
+        return _train_all_tasks(cfg, seed, device, method, engine, data, scenario, writer, console)
     finally:
         writer.close()
         console.detach()
 
 
-def _train_all_tasks(cfg, seed, device, method_cls, data, scenario, writer, console) -> dict:
-    engine = Engine(cfg, console, device, seed)
-    engine.tb = writer.tb
-    engine.set_transforms(*make_transforms(data, cfg.augment))
-    method = method_cls(cfg, engine, scenario)
+def _train_all_tasks(cfg, seed, device, method, engine, data, scenario, writer, console) -> dict:
     bounds = [(t.start, t.end) for t in scenario.tasks]
     metrics = ContinualMetrics(bounds)
     ds_name = "+".join(data.names)
@@ -120,6 +120,8 @@ def _train_all_tasks(cfg, seed, device, method_cls, data, scenario, writer, cons
             til_pred = task_il_predictions(til_scores, y, bounds[: task.id + 1])
         extra = {k[len("pred_"):]: v.long() for k, v in out.items() if k.startswith("pred_")}
         metrics.add(task.id, y, pred, til_pred, extra)
+        if "task_id" in out:  # methods that infer the task (ACL, DynaMMo): how often it is right
+            results.setdefault("task_id_acc", []).append(accuracy(scenario.task_of_label(y), out["task_id"].long()))
         confusion = metrics.last_confusion
 
         n_ex, n_bytes = method.memory_stats()
@@ -143,6 +145,8 @@ def _train_all_tasks(cfg, seed, device, method_cls, data, scenario, writer, cons
                 "metrics": metrics.summary(), "config": dict(cfg),
             })
         til_txt = f", task-IL {metrics.task_il_acc[-1]:.2f}" if metrics.task_il_acc else ""
+        if "task_id_acc" in results:
+            til_txt += f", task-id {results['task_id_acc'][-1]:.2f}"
         console.print(f"{engine.task_label} done: accuracy on {task.end} seen classes {metrics.acc[-1]:.2f} "
                       f"(mcr {metrics.mcr[-1]:.2f}{til_txt}), {cost['inference_gflops']:.3f} GFLOPs/image, "
                       f"{n_ex} exemplars, {train_seconds:.1f}s")

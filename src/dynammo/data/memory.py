@@ -154,8 +154,16 @@ class ReservoirBuffer:
             self.images = torch.zeros((self.capacity,) + tuple(images.shape[1:]), dtype=images.dtype)
             self.labels = torch.zeros(self.capacity, dtype=torch.long)
         for k, v in extras.items():
-            if k not in self.extras:
-                self.extras[k] = torch.zeros((self.capacity,) + tuple(v.shape[1:]), dtype=v.dtype)
+            shape = tuple(v.shape[1:])
+            buf = self.extras.get(k)
+            if buf is None:
+                self.extras[k] = torch.zeros((self.capacity,) + shape, dtype=v.dtype)
+            elif len(shape) == buf.dim() - 1 and any(s > b for s, b in zip(shape, buf.shape[1:])):
+                # wider rows than stored so far (e.g. logits after the head grew): zero-pad the buffer
+                grown = torch.zeros((self.capacity,) + tuple(max(s, b) for s, b in zip(shape, buf.shape[1:])),
+                                    dtype=buf.dtype)
+                grown[(slice(None),) + tuple(slice(0, b) for b in buf.shape[1:])] = buf
+                self.extras[k] = grown
         for i in range(len(labels)):
             slot = self.seen if self.seen < self.capacity else int(torch.randint(0, self.seen + 1, (1,), generator=generator))
             self.seen += 1

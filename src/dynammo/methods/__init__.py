@@ -8,5 +8,5 @@ from dynammo.registry import Registry
 
 METHODS: Registry = Registry("method")
 
-for _module in ("joint", "finetune", "replay"):
+for _module in ("joint", "finetune", "replay", "acl", "dynammo"):
     importlib.import_module(f"dynammo.methods.{_module}")

@@ -31,7 +31,11 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, stage_hook: Optional[StageHook] = None, return_stages: bool = False):
-        x = self.stem(x)
+        return self.body(self.stem(x), stage_hook, return_stages)
+
+    def body(self, x: torch.Tensor, stage_hook: Optional[StageHook] = None, return_stages: bool = False):
+        """Everything after the stem: the residual stages (with the hook) and global pooling. Lets a
+        multi-path model (ACL) run the stem once and the body once per path."""
         stages = []
         for name in self.stage_names:
             if stage_hook is not None:

@@ -1,5 +1,8 @@
-"""Classifier heads that grow as classes arrive."""
+"""Classifier heads that grow as classes arrive, and the min-others decision over per-task heads
+with an "others" output."""
 from __future__ import annotations
+
+from typing import Dict, Sequence
 
 import torch
 import torch.nn as nn
@@ -29,3 +32,27 @@ class IncrementalLinear(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(features)
+
+
+def min_others(head_logits: Sequence[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The "min-others" decision of ACL (Zhang et al., MICCAI 2023) over per-task heads whose last
+    output is "others" (any class not of that task).
+
+    For head i, p_i = softmax(logits_i) and o_i = p_i["others"]; the task is argmin_i o_i and the
+    class is that head's argmax over its real classes. Returns
+    - "pred" (B,): the class over all seen classes (task i's classes follow task i-1's);
+    - "task_id" (B,): the chosen task;
+    - "task_il_logits" (B, n_seen): each head's real-class probabilities in its classes' columns;
+    - "logits" (B, n_seen): the same probabilities, minus 2 outside the chosen task, so that its
+      argmax is exactly "pred".
+    """
+    probs = [torch.softmax(z.float(), dim=1) for z in head_logits]
+    others = torch.stack([p[:, -1] for p in probs], dim=1)  # (B, T)
+    task_id = others.argmin(dim=1)
+    real = torch.cat([p[:, :-1] for p in probs], dim=1)  # (B, n_seen)
+    sizes = [p.shape[1] - 1 for p in probs]
+    col_task = torch.repeat_interleave(torch.arange(len(sizes), device=real.device),
+                                       torch.tensor(sizes, device=real.device))
+    chosen = col_task.unsqueeze(0) == task_id.unsqueeze(1)
+    logits = torch.where(chosen, real, real - 2.0)
+    return {"logits": logits, "pred": logits.argmax(dim=1), "task_id": task_id, "task_il_logits": real}

@@ -12,6 +12,7 @@ import os
 import tempfile
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -99,12 +100,15 @@ def download(flag: str, file: str, dest: Path) -> None:
 
 def read_npz(path: Path, flag: str):
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        npz = np.load(path, allow_pickle=False)
+        if not isinstance(npz, np.lib.npyio.NpzFile):  # a bare .npy array saved under the .npz name
+            raise UserError(f"{path} is a single array, not a MedMNIST .npz archive (expected keys {', '.join(KEYS)})")
+        with npz:
             missing = [k for k in KEYS if k not in npz.files]
             if missing:
                 raise UserError(f"{path} lacks {', '.join(missing)}; it is not a MedMNIST file (expected keys {', '.join(KEYS)})")
             return {k: npz[k] for k in KEYS}
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+    except (zipfile.BadZipFile, zlib.error, OSError, ValueError, EOFError) as exc:
         raise UserError(f"{path} is corrupt or truncated ({exc.__class__.__name__}); delete it and download it again") from exc
 
 
