@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dynammo.config import build_config, load_config
+from dynammo.config import build_config
 
 
 def _shared_data_dir() -> Path:
@@ -45,6 +45,18 @@ def shared_file(shared_data):
 
 
 @pytest.fixture
+def single_thread():
+    """Run a test's tensor ops on one thread: tiny convolutions on 2 oversubscribed cores are ~20x
+    slower with two OpenMP threads than with one. The previous setting is restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def make_cfg():
     """make_cfg(key=value, ...) -> a validated Config on top of the framework defaults."""
 
@@ -52,11 +64,6 @@ def make_cfg():
         return build_config(kw)
 
     return make
-
-
-@pytest.fixture
-def default_cfg():
-    return load_config(None, [])
 
 
 # ---------------------------------------------------------------- image files
@@ -96,8 +103,8 @@ def image_tools():
 def mednist_tree(tmp_path):
     """A tiny MedNIST-like tree `<top>/<Class>/<n>.jpeg` plus the same files as a .tar.gz.
 
-    Returns (archive path, extracted folder holding the top folder, {class: [pixel values]}).
-    Every image is random noise (JPEG-encoded) so comparisons are meaningful.
+    make(top, classes, per_class, seed) -> (archive path, extracted folder holding `top`).
+    Every image is random noise (JPEG-encoded), so comparing decoded images is meaningful.
     """
 
     def make(top: str = "resized", classes=("HeadCT", "AbdomenCT", "Hand"), per_class: int = 5, seed: int = 0):

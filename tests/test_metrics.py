@@ -11,6 +11,8 @@ import torch
 from dynammo import metrics
 from dynammo.metrics import ContinualMetrics, bwt, confusion_matrix, forgetting, task_il_predictions
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def test_forgetting_and_bwt_three_tasks():
     a = [[90.0, None, None],

@@ -162,6 +162,11 @@ OPTIONS: Dict[str, Option] = {
     "scheduler": Option("str", "multi_step", "learning-rate schedule", choices=("multi_step", "cos", "none")),
     "milestones": Option("int_list", [], "epochs at which multi_step decays the rate", min=1),
     "lrate_decay": Option("float", 0.1, "multi_step decay factor", min=0.0),
+    "init_epochs": Option("int", None, "epochs of the first task (default: epochs)", min=1),
+    "init_lrate": Option("float", None, "learning rate of the first task (default: lrate)", min=0.0),
+    "init_milestones": Option("int_list", None, "multi_step milestones of the first task (default: milestones)", min=1),
+    "init_lrate_decay": Option("float", None, "decay factor of the first task (default: lrate_decay)", min=0.0),
+    "init_weight_decay": Option("float", None, "weight decay of the first task (default: weight_decay)", min=0.0),
     "memory_size": Option("int", 0, "total exemplar budget split over seen classes (0: none)", min=0),
     "memory_per_class": Option("int", None, "fixed exemplars per class (overrides memory_size)", min=1),
     "sampling_method": Option("str", "herding", "exemplar selection",
@@ -195,6 +200,8 @@ ALIASES = {
     "momentum": "opt_mom",
     "workers": "num_workers",
     "lr_decay": "lrate_decay",
+    "init_lr": "init_lrate",
+    "init_lr_decay": "init_lrate_decay",
     "image_size": "img_size",
 }
 # Keys of the reference framework that have no effect here; accepted and reported, never silently.

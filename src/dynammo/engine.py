@@ -63,11 +63,14 @@ class OptimSettings:
     batch_size: int = 32
 
     @classmethod
-    def from_config(cls, cfg, suffix: str = "", **overrides) -> "OptimSettings":
+    def from_config(cls, cfg, suffix: str = "", first_task: bool = False, **overrides) -> "OptimSettings":
+        """first_task: use the reference framework's init_* keys (init_epochs, init_lrate, ...) when set."""
         def pick(key):
             if key in overrides:
                 return overrides[key]
             v = cfg.get(key + suffix) if suffix else None
+            if v is None and first_task and not suffix:
+                v = cfg.get("init_" + key)
             return cfg[key] if v is None else v
 
         return cls(**{k: pick(k) for k in ("epochs", "opt_type", "lrate", "weight_decay", "opt_mom", "scheduler",

@@ -36,6 +36,8 @@ def mean_class_recall(y_true, y_pred, classes: Optional[Sequence[int]] = None) -
 def confusion_matrix(y_true, y_pred, num_classes: int) -> np.ndarray:
     """cm[t][p] = number of samples of class t predicted as p."""
     y_true, y_pred = _np(y_true).astype(np.int64), _np(y_pred).astype(np.int64)
+    # a prediction of a class not yet seen is still counted (as its own column)
+    num_classes = max(num_classes, int(y_pred.max()) + 1 if len(y_pred) else 0, int(y_true.max()) + 1 if len(y_true) else 0)
     cm = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(cm, (y_true, y_pred), 1)
     return cm

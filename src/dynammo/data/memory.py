@@ -183,4 +183,8 @@ class ReservoirBuffer:
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.images is None else len(self) * self.images[0].numel() * self.images.element_size()
+        if self.images is None:
+            return 0
+        per_slot = self.images[0].numel() * self.images.element_size()
+        per_slot += sum(v[0].numel() * v.element_size() for v in self.extras.values())
+        return len(self) * per_slot

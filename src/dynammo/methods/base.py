@@ -73,7 +73,8 @@ class Method:
 
     def train_task(self, task: Task) -> None:
         self.train_mode()
-        self.engine.fit(self.net.parameters(), self.training_set(task), self.step, OptimSettings.from_config(self.cfg))
+        settings = OptimSettings.from_config(self.cfg, first_task=task.id == 0)
+        self.engine.fit(self.net.parameters(), self.training_set(task), self.step, settings)
 
     def step(self, batch: Batch):
         logits = self.net(batch.x)

@@ -1,0 +1,48 @@
+"""Run several methods on one setting (same data, split, seeds) through the real CLI and print a
+markdown table of mean ± std of average and last accuracy, with cost after the last task.
+
+    python benchmarks/compare_methods.py --config-name mednist --methods joint finetune replay \
+        --seeds 1993 1994 1995 --out runs/compare -- data_root=../shared/data
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config-name", default="mednist", help="configs/<method>/<NAME>.yaml")
+    ap.add_argument("--methods", nargs="+", default=["joint", "finetune", "replay"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[1993, 1994, 1995])
+    ap.add_argument("--out", default="runs/compare")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides passed to every run")
+    args = ap.parse_args()
+    rows = []
+    for method in args.methods:
+        out = Path(args.out) / method
+        if not (out / "summary.json").exists():
+            cmd = [sys.executable, "-m", "dynammo", "run", "-c", f"configs/{method}/{args.config_name}.yaml",
+                   "--out", str(out), f"seed=[{','.join(map(str, args.seeds))}]", "progress=false", *args.overrides]
+            print("$", " ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        summary = json.loads((out / "summary.json").read_text())
+        last = json.loads((out / f"seed{args.seeds[0]}" / "results.json").read_text())
+        cost = last["cost"][-1]
+        rows.append((method, summary, cost))
+    print(f"\n{args.config_name}, seeds {args.seeds}")
+    print("| method | avg acc | last acc | forgetting | GFLOPs/image | params (M) | exemplars |")
+    print("|---|---|---|---|---|---|---|")
+    for method, s, c in rows:
+        f = s.get("forgetting")
+        ftxt = f"{f['mean']:.2f} ± {f['std']:.2f}" if f else "-"
+        print(f"| {method} | {s['avg_acc']['mean']:.2f} ± {s['avg_acc']['std']:.2f} | "
+              f"{s['last_acc']['mean']:.2f} ± {s['last_acc']['std']:.2f} | {ftxt} | {c['inference_gflops']:.3f} | "
+              f"{c['params_total'] / 1e6:.2f} | {c['memory_exemplars']} |")
+
+
+if __name__ == "__main__":
+    main()
