@@ -181,7 +181,7 @@ def test_reservoir_fills_first_slots_in_order_and_keeps_capacity():
     # every slot still holds one consistent (image, label, extra) triple
     assert torch.equal(buf.images[:, 0, 0, 0], buf.labels)
     assert torch.equal(buf.extras["logits"][:, 0], buf.labels.float())
-    assert buf.nbytes == 5 * 4 * 8  # 5 images of 1x2x2 int64
+    assert buf.nbytes == 5 * (4 * 8 + 2 * 4)  # 5 slots: a 1x2x2 int64 image + 2 float32 logits
 
     imgs, labels, extras = buf.sample(3, generator=g)
     assert len(labels) == 3 and torch.equal(imgs[:, 0, 0, 0], labels)

@@ -50,6 +50,16 @@ def others_labels(y: torch.Tensor, start: int, end: int) -> torch.Tensor:
     return torch.where(inside, y - start, torch.full_like(y, end - start))
 
 
+def heads_loss(logits: List[torch.Tensor], y: torch.Tensor, bounds: List[tuple]) -> torch.Tensor:
+    """Stage 3's loss: sum over heads of CE(head_i, local label or "others"); head i's term counts
+    only when the batch holds a sample of task i (classes bounds[i][0] .. bounds[i][1] - 1)."""
+    total = logits[0].new_zeros(())
+    for z, (start, end) in zip(logits, bounds):
+        if ((y >= start) & (y < end)).any():
+            total = total + F.cross_entropy(z, others_labels(y, start, end))
+    return total
+
+
 class AdapterNet(nn.Module):
     """A backbone (frozen once `freeze_backbone` is called), adapter sets, and one head per task."""
 
@@ -138,7 +148,8 @@ class ACL(Method):
     @classmethod
     def check_config(cls, cfg, num_classes: int) -> None:
         super().check_config(cfg, num_classes)
-        backbone = build_backbone(cfg.backbone)
+        with torch.random.fork_rng(devices=[]):  # a throw-away backbone: leave the seeded RNG as it was
+            backbone = build_backbone(cfg.backbone)
         channels = stage_channels(backbone, cfg.layer_names)
         if cfg.img_size is not None:  # every adapted stage needs a map of at least 3x3
             sides = {}
@@ -241,16 +252,9 @@ class ACL(Method):
             with torch.no_grad():
                 feats = self.net.head_features(batch.x)
             logits = [head(z) for head, z in zip(heads, feats)]
-            total = logits[0].new_zeros(())
-            for z, (start, end) in zip(logits, bounds):
-                if ((batch.y >= start) & (batch.y < end)).any():
-                    total = total + F.cross_entropy(z, others_labels(batch.y, start, end))
-            return total, min_others(logits)["logits"], batch.y
+            return heads_loss(logits, batch.y, bounds), min_others(logits)["logits"], batch.y
 
         self.engine.fit(heads.parameters(), data, loss, OptimSettings.from_config(self.cfg, "_finetune"), stage="heads")
-
-    def train_mode(self) -> None:
-        self.net.train()
 
     # ---- inference ----
     def herding_adapters(self) -> AdapterSet:

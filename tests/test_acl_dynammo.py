@@ -1,0 +1,480 @@
+"""ACL and DynaMMo: stages, merging inside the method, min-others prediction, options, cost, and
+end-to-end runs of the `dynammo` command."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from dynammo.config import build_config
+from dynammo.console import Console
+from dynammo.cost import count_flops, count_params
+from dynammo.data import load_data
+from dynammo.data.imageset import ImageSet
+from dynammo.data.memory import herding
+from dynammo.data.scenario import Scenario
+from dynammo.data.transforms import make_transforms
+from dynammo.engine import Engine
+from dynammo.errors import UserError
+from dynammo.methods import METHODS
+from dynammo.methods.acl import heads_loss, others_labels
+from dynammo.models.adapters import AdapterSet, mean_of
+from dynammo.models.heads import min_others
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(dataset="digits", backbone="resnet20", img_size=8, init_cls=4, increment=3, epochs=1,
+            epochs_finetune=1, batch_size=16, max_train_per_class=12, memory_size=30, seed=0,
+            backbone_epochs=1, progress="false", augment=False)
+
+
+def make_method(name: str, **kw):
+    cfg = build_config({"method": name, **TINY, **kw})
+    data = load_data(cfg, cfg.seed)
+    scenario = Scenario.from_config(data, cfg, cfg.seed)
+    METHODS.get(name).check_config(cfg, data.num_classes)
+    engine = Engine(cfg, Console(progress="false", quiet=True), torch.device("cpu"), cfg.seed)
+    engine.set_transforms(*make_transforms(data, cfg.augment))
+    torch.manual_seed(cfg.seed)
+    return METHODS.get(name)(cfg, engine, scenario)
+
+
+def run_task(method, task) -> None:
+    method.begin_task(task)
+    method.train_task(task)
+    method.end_task(task)
+
+
+def snapshot(module) -> dict:
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def randomize_(adapters: AdapterSet, seed: int) -> AdapterSet:
+    """Visible adapters: random weights, BN statistics and a large alpha."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(adapters.named_parameters()) + list(adapters.named_buffers()):
+            if name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+            elif name.endswith("alpha"):
+                t.fill_(0.5 + seed * 0.1)
+            elif t.is_floating_point():
+                t.copy_(torch.randn(t.shape, generator=g) * 0.3)
+    return adapters
+
+
+def test_acl_and_dynammo_are_registered():
+    assert "acl" in METHODS and "dynammo" in METHODS
+    opts = METHODS.get("dynammo").options
+    assert opts["merge_bn"].default == "average"
+    assert opts["herding_space"].default == "task"
+    assert opts["head_init"].default == "random"
+    assert opts["lrate_finetune"].default == 1e-3 and opts["opt_type_finetune"].default == "adam"
+    assert opts["weight_decay_finetune"].default == 0.0
+    assert "merge_bn" not in METHODS.get("acl").options  # ACL has no merge
+
+
+# ---------------------------------------------------------------- min-others
+
+
+def test_min_others_on_hand_made_logits():
+    # head 0: 2 classes + others; head 1: 3 classes + others. Columns: task 0 -> 0,1; task 1 -> 2,3,4
+    inf = 30.0
+    head0 = torch.tensor([[5.0, 0.0, 0.0],  # sample 0: head 0 sure, others low
+                          [0.0, 0.0, 1.0],  # sample 1: head 0 says "others" a bit
+                          [2.0, 1.9, -inf]])  # sample 2: head 0 others ~ 0
+    head1 = torch.tensor([[0.0, 0.0, 0.0, 2.0],
+                          [0.0, 3.0, 0.0, -1.0],  # head 1's others lowest -> task 1, class 2 + 1
+                          [9.0, 0.0, 0.0, -2.0]])  # others ~2e-5, larger than head 0's ~7e-15
+    out = min_others([head0, head1])
+    assert out["task_id"].tolist() == [0, 1, 0]
+    assert out["pred"].tolist() == [0, 3, 0]
+    # sample 2: a naive argmax over all real-class probabilities would pick head 1's class 2 (p ~ 1)
+    assert out["task_il_logits"][2].argmax().item() == 2
+    assert out["logits"].argmax(1).tolist() == out["pred"].tolist()  # logits consistent with pred
+    p0, p1 = torch.softmax(head0, 1), torch.softmax(head1, 1)
+    torch.testing.assert_close(out["task_il_logits"], torch.cat([p0[:, :2], p1[:, :3]], 1))
+    assert out["logits"].shape == (3, 5) and out["pred"].dtype == torch.long
+
+
+def test_others_labels_and_heads_loss_count_only_present_tasks():
+    y = torch.tensor([0, 1, 2, 3, 4])
+    assert others_labels(y, 2, 4).tolist() == [2, 2, 0, 1, 2]
+    torch.manual_seed(0)
+    logits = [torch.randn(3, 3, requires_grad=True), torch.randn(3, 4, requires_grad=True)]
+    bounds = [(0, 2), (2, 5)]
+    only_task1 = torch.tensor([2, 4, 3])
+    loss = heads_loss(logits, only_task1, bounds)
+    torch.testing.assert_close(loss, F.cross_entropy(logits[1], only_task1 - 2))
+    loss.backward()
+    assert logits[0].grad is None  # head 0's term does not count: no sample of task 0
+    mixed = torch.tensor([1, 4, 0])
+    want = F.cross_entropy(logits[0], torch.tensor([1, 2, 0])) + F.cross_entropy(logits[1], torch.tensor([3, 2, 3]))
+    torch.testing.assert_close(heads_loss(logits, mixed, bounds), want)
+
+
+# ---------------------------------------------------------------- stages
+
+
+def test_stage1_leaves_backbone_and_old_adapters_bit_for_bit_unchanged():
+    m = make_method("acl")
+    t0, t1 = m.scenario.tasks[:2]
+    run_task(m, t0)
+    assert m.net.backbone_frozen and not any(p.requires_grad for p in m.net.backbone.parameters())
+    backbone, path0, head0 = snapshot(m.net.backbone), snapshot(m.net.paths[0]), snapshot(m.net.heads[0])
+    m.begin_task(t1)
+    new = m.net.new_task_adapters()
+    assert same(snapshot(new), path0)  # task 1 starts as a copy of task 0 (weights, BN stats, alpha)
+    m.train_adapters(t1, new)  # stage 1
+    assert same(snapshot(m.net.backbone), backbone)  # BN running stats included
+    assert same(snapshot(m.net.paths[0]), path0)
+    assert same(snapshot(m.net.heads[0]), head0)
+    assert not same(snapshot(new), path0)  # the new adapters did train (weights and BN stats)
+
+
+def test_stage3_trains_heads_only_with_everything_else_frozen():
+    m = make_method("dynammo")
+    t0, t1 = m.scenario.tasks[:2]
+    run_task(m, t0)
+    seen = {}
+    orig = m.train_heads
+
+    def spy(task):
+        seen["net"] = snapshot(m.net)
+        orig(task)
+
+    m.train_heads = spy
+    run_task(m, t1)
+    after = snapshot(m.net)
+    changed = {k for k in after if not torch.equal(after[k], seen["net"][k])}
+    assert changed and all(k.startswith("heads.") for k in changed)  # adapters' BN stats too: eval mode
+    assert {k.split(".")[1] for k in changed} == {"0", "1"}  # every head trains in stage 3
+
+
+def test_dynammo_merges_every_task_adapter_by_the_running_mean():
+    m = make_method("dynammo")
+    task_sets = []
+    orig = m.after_adapters
+
+    def record(task):
+        task_sets.append(m.net.task_adapters().copy())
+        orig(task)
+
+    m.after_adapters = record
+    for task in m.scenario:
+        run_task(m, task)
+    assert len(task_sets) == 3 and int(m.net.n_merged) == 3
+    want = mean_of(task_sets).state_dict()
+    for key, value in m.net.merged.state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            assert int(value) == int(task_sets[0].state_dict()[key])  # task 0's count, never averaged
+        else:
+            torch.testing.assert_close(value, want[key], rtol=1e-5, atol=1e-6)
+    # the three task sets really differ, so the mean is not trivially any one of them
+    assert not torch.equal(task_sets[1].state_dict()["adapters.layer1.conv.weight"],
+                           task_sets[2].state_dict()["adapters.layer1.conv.weight"])
+    # stored: the merged set and the last task set only
+    sets = {id(s) for s in m.net.modules() if isinstance(s, AdapterSet)}
+    assert len(sets) == 2 and not any(p.requires_grad for p in m.net.merged.parameters())
+
+
+def test_backbone_protocol_without_pretrained_weights():
+    m = make_method("acl", backbone_epochs=1)
+    initial = snapshot(m.net.backbone)
+    assert not m.net.backbone_frozen
+    t0 = m.scenario.tasks[0]
+    m.begin_task(t0)
+    m.train_backbone(t0)
+    trained = snapshot(m.net.backbone)
+    assert not same(trained, initial)  # trained on task 0 ...
+    assert m.net.backbone_frozen and not any(p.requires_grad for p in m.net.backbone.parameters())
+    m.net.train()
+    assert not m.net.backbone.training  # ... then frozen in eval mode for good
+    m0 = make_method("acl", backbone_epochs=0)
+    before = snapshot(m0.net.backbone)
+    run_task(m0, t0)
+    assert same(snapshot(m0.net.backbone), before)
+
+
+def test_pretrained_path_is_frozen_from_the_start(tmp_path):
+    from dynammo.models.backbones import build_backbone
+
+    torch.manual_seed(123)
+    weights = build_backbone("resnet20").state_dict()
+    path = tmp_path / "resnet20.pt"
+    torch.save(weights, path)
+    m = make_method("dynammo", pretrained=str(path))
+    assert m.net.backbone_frozen
+    run_task(m, m.scenario.tasks[0])
+    assert same(snapshot(m.net.backbone), weights)
+
+
+# ---------------------------------------------------------------- inference
+
+
+def grown(name: str, n_tasks: int, **kw):
+    m = make_method(name, **kw)
+    for task in m.scenario.tasks[:n_tasks]:
+        m.grow(task)
+    m.eval_mode()
+    return m
+
+
+def test_identical_task_adapters_give_dynammo_the_predictions_of_acl():
+    acl = make_method("acl")
+    dyn = make_method("dynammo")
+    dyn.net.backbone.load_state_dict(acl.net.backbone.state_dict())
+    for i, task in enumerate(acl.scenario.tasks):
+        acl.grow(task)
+        dyn.grow(task)
+        if i == 0:  # the next tasks copy it: every task set identical, and so is their mean
+            randomize_(acl.net.paths[0], 1)
+            dyn.net.task_set.load_state_dict(acl.net.paths[0].state_dict())
+    for h_acl, h_dyn in zip(acl.net.heads, dyn.net.heads):
+        h_dyn.load_state_dict(h_acl.state_dict())
+    acl.eval_mode(), dyn.eval_mode()
+    x = torch.randn(6, 3, 8, 8)
+    with torch.no_grad():
+        a, d = acl.predict(x), dyn.predict(x)
+        plain = dyn.net.backbone(x)
+    assert not torch.allclose(dyn.net.head_features(x)[0], plain)  # the adapters do act
+    assert torch.equal(a["pred"], d["pred"]) and torch.equal(a["task_id"], d["task_id"])
+    torch.testing.assert_close(a["logits"], d["logits"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a["task_il_logits"], d["task_il_logits"], rtol=1e-5, atol=1e-6)
+
+
+def count_calls(module) -> list:
+    calls = []
+    module.register_forward_hook(lambda *a: calls.append(1))
+    return calls
+
+
+def test_merged_model_runs_one_pass_read_by_every_head():
+    m = grown("dynammo", 3)
+    randomize_(m.net.merged, 2)
+    stem_calls, body_calls = count_calls(m.net.backbone.conv1), count_calls(m.net.backbone.layer3)
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        feats = m.net.head_features(x)
+        want = m.net.backbone(x, stage_hook=m.net.merged.hook)
+    assert len(feats) == 3 and all(torch.equal(f, feats[0]) for f in feats)
+    torch.testing.assert_close(feats[0], want)
+    with torch.no_grad():
+        stem_calls.clear(), body_calls.clear()
+        m.predict(x)
+    assert (len(stem_calls), len(body_calls)) == (1, 1)
+
+
+def test_acl_runs_the_stem_once_and_one_body_per_task():
+    m = grown("acl", 3)
+    for i, path in enumerate(m.net.paths):
+        randomize_(path, i + 3)
+    stem_calls, body_calls = count_calls(m.net.backbone.conv1), count_calls(m.net.backbone.layer3)
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        feats = m.net.head_features(x)
+    assert (len(stem_calls), len(body_calls)) == (1, 3)
+    for f, path in zip(feats, m.net.paths):  # head i reads path i
+        torch.testing.assert_close(f, m.net.backbone(x, stage_hook=path.hook))
+    assert not torch.allclose(feats[0], feats[1])
+
+
+def test_flops_constant_for_dynammo_and_growing_for_acl():
+    x = torch.zeros(1, 3, 8, 8)
+    flops = {}
+    for name in ("acl", "dynammo"):
+        flops[name] = [count_flops(grown(name, t).predict, x) for t in (1, 2, 3)]
+    d = 64  # resnet20 feature size; task sizes 4, 3, 3 (+1 "others" output each)
+    head = [2 * d * 5, 2 * d * 4, 2 * d * 4]
+    dyn, acl = flops["dynammo"], flops["acl"]
+    assert dyn[1] - dyn[0] == head[1] and dyn[2] - dyn[1] == head[2]  # only the tiny heads are added
+    assert dyn[0] == acl[0]
+    body = acl[1] - acl[0] - head[1]  # one more adapter path per task
+    assert body > 0.8 * acl[0] and acl[2] - acl[1] == body + head[2]
+
+
+def test_parameters_all_task_adapters_for_acl_merged_and_last_for_dynammo():
+    acl, dyn = grown("acl", 3), grown("dynammo", 3)
+    set_size = sum(p.numel() for p in acl.net.paths[0].parameters())
+    heads = sum(p.numel() for p in acl.net.heads.parameters())
+    backbone = sum(p.numel() for p in acl.net.backbone.parameters())
+    assert count_params([acl.net]) == backbone + 3 * set_size + heads
+    assert count_params([dyn.net]) == backbone + 2 * set_size + heads
+    assert count_params([grown("dynammo", 1).net]) == count_params([grown("acl", 1).net])
+
+
+# ---------------------------------------------------------------- options
+
+
+def test_head_init_option():
+    aux = torch.nn.Linear(64, 4)
+    t0, t1 = make_method("dynammo").scenario.tasks[:2]
+    for name in ("acl", "dynammo"):
+        rnd, from_aux = make_method(name), make_method(name, head_init="auxiliary")
+        assert rnd.make_head(t0, aux) is aux and from_aux.make_head(t0, aux) is aux  # task 0: the aux head
+        h_rnd, h_aux = rnd.make_head(t1, aux), from_aux.make_head(t1, aux)
+        assert torch.equal(h_aux.weight, aux.weight) and torch.equal(h_aux.bias, aux.bias)
+        assert h_aux.weight.data_ptr() != aux.weight.data_ptr()  # a copy
+        assert not torch.equal(h_rnd.weight, aux.weight)
+
+
+def test_head_init_auxiliary_in_training():
+    """With a zero stage-3 learning rate the new head keeps its initialisation: the aux head's."""
+    picked = {}
+    for init in ("random", "auxiliary"):
+        m = make_method("dynammo", head_init=init, lrate_finetune=0.0)
+        run_task(m, m.scenario.tasks[0])
+        orig = m.make_head
+
+        def keep(task, aux, orig=orig, init=init):
+            picked[init] = aux.weight.detach().clone()
+            return orig(task, aux)
+
+        m.make_head = keep
+        run_task(m, m.scenario.tasks[1])
+        picked[init + "_head"] = m.net.heads[1].weight.detach().clone()
+    assert torch.equal(picked["auxiliary_head"], picked["auxiliary"])
+    assert not torch.equal(picked["random_head"], picked["random"])
+
+
+def test_merge_bn_reestimate_option():
+    stats = {}
+    for mode in ("average", "reestimate"):
+        m = make_method("dynammo", merge_bn=mode)
+        t0, t1 = m.scenario.tasks[:2]
+        m.grow(t0)
+        randomize_(m.net.task_set, 1)
+        m.begin_task(t1)
+        new = m.net.new_task_adapters()
+        randomize_(new, 2)
+        new.freeze()
+        m.after_adapters(t1)
+        bn = m.net.merged.adapters["layer2"].bn2
+        stats[mode] = (bn.running_mean.clone(), bn.running_var.clone())
+        if mode == "average":
+            old = randomize_(AdapterSet(m.net.channels), 1).adapters["layer2"].bn2
+            torch.testing.assert_close(bn.running_mean, (old.running_mean + new.adapters["layer2"].bn2.running_mean) / 2)
+        else:  # the statistics of the merged BN's input on memory + task data (one evaluation batch)
+            data = ImageSet.concat([m.scenario.train_data(t1), m.memory.as_imageset()])
+            x = m.engine.test_tf(data.images)
+            ref = m.net.merged.copy().train()
+            captured = {}
+            ref.adapters["layer2"].bn2.register_forward_pre_hook(lambda mod, i: captured.__setitem__("x", i[0]))
+            with torch.no_grad():
+                m.net.backbone(x, stage_hook=ref.hook)
+            torch.testing.assert_close(bn.running_mean, captured["x"].mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(bn.running_var, captured["x"].var(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+            assert not bn.training and bn.momentum == 0.1
+    assert not torch.allclose(stats["average"][0], stats["reestimate"][0])
+
+
+def test_herding_space_option():
+    chosen = {}
+    for space in ("task", "merged"):
+        m = make_method("dynammo", herding_space=space, max_train_per_class=20, memory_size=100)
+        for task in m.scenario.tasks[:2]:
+            run_task(m, task)
+        net = m.net
+        cls = m.scenario.tasks[1].classes[0]
+        data = m.scenario.train.of_classes([cls])
+        per_class = m.memory.quota(m.scenario.tasks[1].end)
+        feats = {s: m.engine.apply(lambda x, a=a: net.encode(x, a), data)
+                 for s, a in (("task", net.task_set), ("merged", net.merged))}
+        idx = {s: herding(f, per_class) for s, f in feats.items()}
+        assert not torch.equal(idx["task"], idx["merged"])  # the two spaces disagree here ...
+        kept = m.memory.per_class[cls].images
+        assert torch.equal(kept, data.images[idx[space]])  # ... and the memory follows the option
+        chosen[space] = kept
+    assert not torch.equal(chosen["task"], chosen["merged"])
+
+
+def test_config_checks():
+    with pytest.raises(UserError, match="layer_names"):
+        make_method("acl", layer_names=["layer7"])
+    with pytest.raises(UserError, match="img_size"):
+        make_method("dynammo", backbone="resnet18_cifar", img_size=8)  # layer4's input would be 1x1
+    m = make_method("dynammo", backbone="resnet18_cifar", img_size=8, layer_names=["layer1", "layer2"])
+    assert list(m.net.channels) == ["layer1", "layer2"]
+    with pytest.raises(UserError, match="merge_bn"):
+        make_method("dynammo", merge_bn="median")
+    with pytest.raises(UserError, match="belongs to"):
+        make_method("acl", herding_space="merged")
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def run_cli(*args):
+    # one thread: tiny convolutions on 2 shared cores run several times faster than with two
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "dynammo", *args], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=600)
+
+
+E2E = ["dataset=digits", "backbone=resnet20", "img_size=8", "init_cls=4", "increment=3", "epochs=1",
+       "epochs_finetune=1", "max_train_per_class=12", "memory_size=30", "batch_size=32", "progress=false",
+       "plots=false", "tensorboard=false"]
+
+
+@pytest.fixture(scope="module")
+def e2e_runs(tmp_path_factory):
+    out = {}
+    for name in ("acl", "dynammo"):
+        run_dir = tmp_path_factory.mktemp("runs") / name
+        proc = run_cli("run", "--out", str(run_dir), f"method={name}", *E2E)
+        assert proc.returncode == 0, proc.stderr + proc.stdout
+        out[name] = run_dir
+    return out
+
+
+@pytest.mark.slow
+def test_end_to_end_results_json(e2e_runs):
+    res = {n: json.loads((d / "results.json").read_text()) for n, d in e2e_runs.items()}
+    for name, r in res.items():
+        assert r["status"] == "complete" and r["method"] == name
+        assert len(r["acc"]) == 3 and len(r["acc_matrix"]) == 3 and len(r["cost"]) == 3
+        assert len(r["task_id_acc"]) == 3 and all(0 <= a <= 100 for a in r["task_id_acc"])
+        assert r["task_id_acc"][0] == 100.0  # one task: always right
+        assert r["avg_acc"] is not None and r["forgetting"] is not None and len(r["task_il_acc"]) == 3
+        assert all(c["memory_exemplars"] > 0 and c["params_trainable"] > 0 for c in r["cost"])
+    acl_g = [c["inference_gflops"] for c in res["acl"]["cost"]]
+    dyn_g = [c["inference_gflops"] for c in res["dynammo"]["cost"]]
+    assert acl_g[0] < acl_g[1] < acl_g[2] and acl_g[2] > 2.5 * acl_g[0]
+    assert max(dyn_g) <= min(dyn_g) * 1.01
+    acl_p = [c["params_total"] for c in res["acl"]["cost"]]
+    dyn_p = [c["params_total"] for c in res["dynammo"]["cost"]]
+    assert acl_p[0] == dyn_p[0] and acl_p[2] - acl_p[1] > 10 * (dyn_p[2] - dyn_p[1])  # DynaMMo: + a head only
+    log = (e2e_runs["dynammo"] / "log.txt").read_text()
+    assert "task-id" in log and "pretrained=false" in log
+    cfg = yaml.safe_load((e2e_runs["dynammo"] / "config.yaml").read_text())
+    assert cfg["merge_bn"] == "average" and cfg["herding_space"] == "task" and cfg["head_init"] == "random"
+
+
+@pytest.mark.slow
+def test_checkpoint_reloads_into_the_same_model(e2e_runs):
+    for name, run_dir in e2e_runs.items():
+        r = json.loads((run_dir / "results.json").read_text())
+        cfg = build_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
+        data = load_data(cfg, cfg.seed)
+        scenario = Scenario.from_config(data, cfg, cfg.seed)
+        engine = Engine(cfg, Console(progress="false", quiet=True), torch.device("cpu"), cfg.seed)
+        engine.set_transforms(*make_transforms(data, cfg.augment))
+        method = METHODS.get(name)(cfg, engine, scenario)
+        state = torch.load(run_dir / "checkpoints" / "task_2.pt", map_location="cpu", weights_only=False)
+        method.load_state_dict(state["state"])
+        method.eval_mode()
+        test = scenario.test_data_seen(scenario.tasks[-1])
+        out = engine.apply(method.predict, test)
+        acc = 100.0 * (out["pred"].long() == test.labels).float().mean().item()
+        assert acc == pytest.approx(r["acc"][-1], abs=1e-6)
