@@ -317,3 +317,15 @@ def test_reference_config_builds_with_notices():
                                            ("cuda:1", "cuda:1")])
 def test_reference_device(value, device):
     assert legacy.reference_device(value) == device
+
+
+def test_embedded_default_keys_of_another_method_are_dropped_when_the_method_changes():
+    from dynammo.config import load_config
+
+    default = load_config(None, [])
+    assert default.method == "dynammo" and default.lrate_finetune == 0.01
+    replay = load_config(None, ["method=replay", "memory_size=20"])
+    assert replay.method == "replay" and "lrate_finetune" not in replay
+    assert replay.img_size == default.img_size  # general keys of the default still apply
+    acl = load_config(None, ["method=acl"])
+    assert acl.lrate_finetune == 0.01 and "merge_bn" not in acl

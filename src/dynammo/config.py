@@ -305,9 +305,16 @@ def build_config(raw: dict, notices: Optional[list] = None) -> Config:
 def load_config(path=None, overrides: Iterable[str] = (), extra: Optional[dict] = None, notices=None) -> Config:
     """File (or the embedded default) + overrides -> validated Config."""
     raw = read_yaml(path if path is not None else DEFAULT_CONFIG)
-    if extra:
-        raw.update(extra)
-    raw.update(parse_overrides(overrides))
+    user = dict(extra or {})
+    user.update(parse_overrides(overrides))
+    if path is None and "method" in user:
+        # The embedded default's method-specific keys only apply to its own method.
+        from dynammo.methods import METHODS
+
+        method = METHODS.canonical(coerce("method", OPTIONS["method"], user["method"]))
+        allowed = set(OPTIONS) | set(method_options(method))
+        raw = {k: v for k, v in raw.items() if k in allowed}
+    raw.update(user)
     return build_config(raw, notices)
 
 
