@@ -12,18 +12,24 @@ from dynammo.errors import UserError
 
 def _cmd_run(args) -> int:
     from dynammo.config import load_config
-    from dynammo.console import Console
-    from dynammo.runner import run_experiment
 
     overrides = list(args.overrides)
     if args.device:
         overrides.append(f"device={args.device}")
     notices: list = []
     cfg = load_config(args.config, overrides, notices=notices)
+    return start_run(cfg, notices, args.out)
+
+
+def start_run(cfg, notices, out) -> int:
+    """Show the config notices, then run every seed (shared by `dynammo run` and main.py)."""
+    from dynammo.console import Console
+    from dynammo.runner import run_experiment
+
     console = Console(progress=cfg.progress)
     for n in notices:
         console.print(n)
-    run_experiment(cfg, Path(args.out) if args.out else None, console)
+    run_experiment(cfg, Path(out) if out else None, console)
     return 0
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional
 
@@ -317,9 +317,3 @@ def load_config(path=None, overrides: Iterable[str] = (), extra: Optional[dict] 
     raw.update(user)
     return build_config(raw, notices)
 
-
-def describe_options(options: Dict[str, Option]) -> list:
-    rows = []
-    for key, opt in options.items():
-        rows.append((key, opt.kind, repr(opt.default), opt.help))
-    return rows

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 from typing import List, Optional
 
 from dynammo.config import build_config, read_yaml
@@ -50,19 +49,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", help="run directory")
     args = parser.parse_args(argv)
     try:
-        from dynammo.console import Console
-        from dynammo.runner import run_experiment
+        from dynammo.cli import start_run
 
         raw = flatten_reference_config(read_yaml(args.config))
         if args.device is not None:
             raw["device"] = reference_device(args.device)
         notices: list = []
-        cfg = build_config(raw, notices)
-        console = Console(progress=cfg.progress)
-        for n in notices:
-            console.print(n)
-        run_experiment(cfg, Path(args.out) if args.out else None, console)
-        return 0
+        return start_run(build_config(raw, notices), notices, args.out)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -97,7 +97,7 @@ def _train_all_tasks(cfg, seed, device, method, engine, data, scenario, writer, 
         "class_order": scenario.class_order, "tasks": scenario.classes_of_tasks(),
         "class_names": scenario.class_names, "cost": [], "versions": versions(), "status": "running",
     }
-    example = engine.test_tf(scenario.test.subset([0]).get(torch.tensor([0])).to(device))
+    example = engine.test_tf(scenario.test.get(torch.tensor([0])).to(device))
     confusion = None
     for task in scenario:
         engine.task_label = f"task {task.id + 1}/{len(scenario)}"
