@@ -174,6 +174,7 @@ class ACL(Method):
 
     def begin_task(self, task: Task) -> None:
         self.known, self.total = task.start, task.end
+        self.tasks_done = task.id + 1
         self.net.to(self.device)
 
     # ---- training ----
@@ -277,17 +278,3 @@ class ACL(Method):
         self.net.new_task_adapters().freeze()
         self.merge_structure(task)
         self.net.heads.append(nn.Linear(self.net.backbone.out_dim, task.size + 1).to(self.device))
-
-    def state_dict(self) -> dict:
-        state = super().state_dict()
-        state["head_sizes"] = [h.out_features - 1 for h in self.net.heads]
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        """Rebuild the structure of a checkpoint (one entry per trained task), then load it."""
-        for task in self.scenario.tasks[: len(state["head_sizes"])]:
-            self.grow(task)
-        self.net.load_state_dict(state["net"])
-        self.known, self.total = state["known"], state["total"]
-        if state.get("memory") is not None:
-            self.memory.load_state_dict(state["memory"])

@@ -3,6 +3,11 @@
 Lifecycle, per task: `begin_task` (grow heads) -> `train_task` (one or more `engine.fit` stages)
 -> `end_task` (update memory). At evaluation the runner calls `predict` on batches of test images.
 
+Structure: every module a task adds is created by `grow(task)` (by default `begin_task`), which must
+build exactly what training builds, without data. `load_state_dict` replays `grow` for each task a
+checkpoint holds and then loads the weights, so `dynammo cost`, `export`, `eval` and `resume` work for
+every method; anything else a method keeps between tasks (tensors, numbers) goes into `extra_state`.
+
 - A single-stage method overrides `step` (the loss of one batch) and maybe `training_set`.
 - A multi-stage method overrides `train_task` and calls `self.engine.fit(params, data, loss, settings)`
   once per stage.
@@ -43,6 +48,7 @@ class Method:
         self.memory: Optional[ExemplarMemory] = ExemplarMemory.from_config(cfg) if self.uses_memory else None
         self.known = 0  # classes learned before the current task
         self.total = 0  # classes learned including the current task
+        self.tasks_done = 0  # tasks whose structure exists (grown or trained)
 
     # ---- configuration checks, before anything is written ----
     @classmethod
@@ -65,6 +71,7 @@ class Method:
     # ---- lifecycle ----
     def begin_task(self, task: Task) -> None:
         self.known, self.total = task.start, task.end
+        self.tasks_done = task.id + 1
         self.net.head.expand(task.size)
         self.net.to(self.device)
 
@@ -100,6 +107,31 @@ class Method:
             return 0, 0
         return len(self.memory), self.memory.nbytes
 
+    # ---- structure without training (cost accounting, checkpoints, export) ----
+    def grow(self, task: Task) -> None:
+        """Build task's modules exactly as training would, without data (default: `begin_task`)."""
+        self.begin_task(task)
+
+    def extra_state(self) -> dict:
+        """What a method keeps between tasks beside `net` and the memory (tensors, numbers, lists)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
     def state_dict(self) -> dict:
         return {"net": self.net.state_dict(), "known": self.known, "total": self.total,
+                "tasks_done": self.tasks_done, "extra": self.extra_state(),
                 "memory": self.memory.state_dict() if self.memory is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Rebuild the structure of a checkpoint (one `grow` per trained task), then load it."""
+        for task in self.scenario.tasks[: state["tasks_done"]]:
+            self.grow(task)
+        self.net.load_state_dict(state["net"])
+        self.net.to(self.device)
+        self.known, self.total = state["known"], state["total"]
+        self.tasks_done = state["tasks_done"]
+        self.load_extra_state(state.get("extra") or {})
+        if state.get("memory") is not None and self.memory is not None:
+            self.memory.load_state_dict(state["memory"])

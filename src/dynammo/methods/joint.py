@@ -10,6 +10,7 @@ class Joint(Method):
 
     def begin_task(self, task) -> None:
         self.known, self.total = task.start, task.end
+        self.tasks_done = task.id + 1
         self.net = self.build_network()  # fresh: trained on every seen class at once
         self.net.head.expand(task.end)
         self.net.to(self.device)
