@@ -49,6 +49,12 @@ class Backbone(nn.Module):
         """Channels at the input of each stage."""
         raise NotImplementedError
 
+    def remove_last_relu(self) -> None:
+        """Drop the ReLU at the end of the last residual block, so the pooled feature can take
+        negative values (UCIR, Hou et al. 2019, feeds its cosine classifier this way; PODNet too)."""
+        raise UserError(f"backbone {type(self).__name__} cannot drop its last ReLU; use a ResNet backbone "
+                        "or set last_relu=true")
+
 
 class TorchvisionResNet(Backbone):
     def __init__(self, arch: str, cifar_stem: bool = False):
@@ -69,6 +75,12 @@ class TorchvisionResNet(Backbone):
     def stage_channels(self):
         return [64] + [self._out_channels(n) for n in self.stage_names[:-1]]
 
+    def remove_last_relu(self) -> None:
+        # Same module and parameter names (checkpoints and pretrained weights still load): only the
+        # class of the last block changes, to one whose forward ends with the residual sum.
+        block = getattr(self, self.stage_names[-1])[-1]
+        block.__class__ = _LINEAR_OUTPUT.get(type(block), type(block))  # idempotent
+
     def _out_channels(self, name):
         block = getattr(self, name)[-1]
         return (block.conv3 if hasattr(block, "conv3") else block.conv2).out_channels
@@ -84,6 +96,7 @@ class _CifarBlock(nn.Module):
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         self.stride, self.extra = stride, cout - cin
+        self.relu_out = True  # False: the block ends with the residual sum (see remove_last_relu)
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -92,7 +105,7 @@ class _CifarBlock(nn.Module):
         if self.stride != 1 or self.extra:
             short = x[:, :, :: self.stride, :: self.stride]
             short = F.pad(short, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
-        return F.relu(out + short)
+        return F.relu(out + short) if self.relu_out else out + short
 
 
 class CifarResNet(Backbone):
@@ -119,6 +132,32 @@ class CifarResNet(Backbone):
 
     def stage_channels(self):
         return [16, 16, 32]
+
+    def remove_last_relu(self) -> None:
+        getattr(self, self.stage_names[-1])[-1].relu_out = False
+
+
+class _BasicBlockLinearOut(torchvision.models.resnet.BasicBlock):
+    """torchvision's basic block without the final ReLU (He et al. 2016's block, output = residual sum)."""
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.bn2(self.conv2(out)) + identity
+
+
+class _BottleneckLinearOut(torchvision.models.resnet.Bottleneck):
+    """torchvision's bottleneck block without the final ReLU."""
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.bn3(self.conv3(out)) + identity
+
+
+_LINEAR_OUTPUT = {torchvision.models.resnet.BasicBlock: _BasicBlockLinearOut,
+                  torchvision.models.resnet.Bottleneck: _BottleneckLinearOut}
 
 
 for _arch in ("resnet18", "resnet34", "resnet50"):
