@@ -176,7 +176,7 @@ OPTIONS: Dict[str, Option] = {
     "num_workers": Option("int", 0, "data-loading workers for file-backed datasets", min=0),
     "max_train_per_class": Option("int", None, "seeded subsample of each class's training images", min=1),
     "max_test_per_class": Option("int", None, "seeded subsample of each class's test images", min=1),
-    "download": Option("bool", True, "download missing dataset files (MedMNIST) when online"),
+    "download": Option("bool", True, "download missing dataset files (MedMNIST, CIFAR) when online"),
     "test_fraction": Option("float", 0.2, "test share for datasets without an official split", min=0.0),
     "augment": Option("bool", True, "default training augmentation (random crop + horizontal flip)"),
     "normalize": Option("str", "dataset", "per-channel normalisation statistics",

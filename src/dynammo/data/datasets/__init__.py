@@ -23,5 +23,5 @@ class RawDataset:
     flip: bool = True  # is a horizontal flip a label-preserving augmentation here?
 
 
-for _module in ("digits", "mednist", "medmnist", "folder", "csv_list"):
+for _module in ("digits", "mednist", "medmnist", "cifar", "folder", "csv_list"):
     importlib.import_module(f"dynammo.data.datasets.{_module}")
