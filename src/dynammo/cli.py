@@ -1,7 +1,8 @@
-"""The `dynammo` command: run, list (eval, resume, cost, export, predict come with their issues)."""
+"""The `dynammo` command: run, list, cost, export, predict (eval and resume come with their issue)."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -30,6 +31,47 @@ def start_run(cfg, notices, out) -> int:
     for n in notices:
         console.print(n)
     run_experiment(cfg, Path(out) if out else None, console)
+    return 0
+
+
+def _cmd_cost(args) -> int:
+    """The cost table of a config without training: the structure is grown task by task."""
+    import torch
+
+    from dynammo.config import load_config
+    from dynammo.console import Console
+    from dynammo.cost import format_cost_table, structure_costs
+    from dynammo.runner import prepare
+
+    overrides = list(args.overrides) + ["max_train_per_class=1", "max_test_per_class=1", "progress=false"]
+    if args.device:
+        overrides.append(f"device={args.device}")
+    cfg = load_config(args.config, overrides)
+    _, scenario, engine, method = prepare(cfg, Console(progress="false", quiet=True))
+    example = scenario.test.get(torch.tensor([0]))
+    rows = structure_costs(method, scenario, engine.test_tf(example.to(engine.device)))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{cfg.method} on {'+'.join(cfg.dataset) if isinstance(cfg.dataset, list) else cfg.dataset}, backbone "
+          f"{cfg.backbone}, input {'x'.join(map(str, example.shape[1:]))} (uint8 exemplars); FLOPs = 2 x MACs")
+    print(format_cost_table(rows))
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from dynammo.deploy import export_run
+
+    meta = export_run(args.run_dir, args.out, args.task)
+    print(f"wrote {args.out}: {meta['method']} after task {meta['task']}/{meta['tasks']}, {len(meta['class_names'])} "
+          f"classes, input uint8 {'x'.join(map(str, meta['input_shape']))}")
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    from dynammo.deploy import predict_files, print_predictions
+
+    print_predictions(predict_files(args.model, args.images, args.batch_size), args.csv)
     return 0
 
 
@@ -76,6 +118,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: auto)")
     run.add_argument("overrides", nargs="*", help="key=value overrides of config keys")
     run.set_defaults(func=_cmd_run)
+    cost = sub.add_parser("cost", help="inference GFLOPs, parameters and memory per task count, without training")
+    cost.add_argument("-c", "--config", help="YAML config (default: the embedded default)")
+    cost.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: auto)")
+    cost.add_argument("--json", action="store_true", help="print the rows as JSON")
+    cost.add_argument("overrides", nargs="*", help="key=value overrides of config keys")
+    cost.set_defaults(func=_cmd_cost)
+    export = sub.add_parser("export", help="write a run's trained model as one self-contained file")
+    export.add_argument("run_dir", help="a run directory written by `dynammo run`")
+    export.add_argument("--out", required=True, help="the model file to write (e.g. model.pt)")
+    export.add_argument("--task", type=int, help="use the checkpoint after this task (1-based; default: the last)")
+    export.set_defaults(func=_cmd_export)
+    predict = sub.add_parser("predict", help="classify image files with an exported model")
+    predict.add_argument("model", help="a file written by `dynammo export`")
+    predict.add_argument("images", nargs="+", help="image files or folders of images")
+    predict.add_argument("--csv", action="store_true", help="print CSV (image,class,class_id,confidence)")
+    predict.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    predict.set_defaults(func=_cmd_predict)
     lst = sub.add_parser("list", help="show methods, datasets and backbones")
     lst.add_argument("--keys", action="store_true", help="list every config key with its type and default")
     lst.set_defaults(func=_cmd_list)

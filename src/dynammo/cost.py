@@ -30,3 +30,28 @@ def count_params(modules: Iterable[nn.Module]) -> int:
 def gflops_per_image(predict: Callable[[torch.Tensor], object], example: torch.Tensor) -> float:
     """GFLOPs per image of one inference call on a batch of one."""
     return count_flops(predict, example[:1]) / 1e9
+
+
+def structure_costs(method, scenario, example: torch.Tensor) -> list:
+    """Per task count T: inference GFLOPs per image and parameters of the model as it stands after
+    T tasks, and the exemplar memory it may hold, with the structure built by `method.grow` (no
+    training, so the numbers depend on the config only)."""
+    rows = []
+    per_image_bytes = example[0].numel()  # uint8 exemplars: one byte per value
+    for task in scenario.tasks:
+        method.grow(task)
+        method.eval_mode()
+        exemplars = method.memory_budget(task.end)
+        rows.append({"tasks": task.id + 1, "classes": task.end, "inference_gflops": gflops_per_image(method.predict, example),
+                     "params_total": count_params([method.net]), "memory_exemplars": exemplars,
+                     "memory_bytes": exemplars * per_image_bytes})
+    return rows
+
+
+def format_cost_table(rows: list) -> str:
+    lines = ["| tasks | classes | inference GFLOPs/image | parameters (M) | memory budget (exemplars) | memory (MB) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['tasks']} | {r['classes']} | {r['inference_gflops']:.4f} | {r['params_total'] / 1e6:.3f} | "
+                     f"{r['memory_exemplars']} | {r['memory_bytes'] / 1e6:.2f} |")
+    return "\n".join(lines)

@@ -60,29 +60,40 @@ def summarize(results: List[dict]) -> dict:
     return out
 
 
-def run_single(cfg: Config, run_dir: Path, console: Console) -> dict:
-    seed = cfg.seed
-    run_dir = Path(run_dir)
-    check_run_dir(run_dir)
-    seed_everything(seed)
+def prepare(cfg: Config, console: Console):
+    """Everything that can fail on bad input, before anything is written: data, scenario, engine,
+    method. Returns (data, scenario, engine, method)."""
+    seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     method_cls = METHODS.get(cfg.method)
-    # Everything that can fail on bad input happens before the run directory is written.
-    data = load_data(cfg, seed)
-    scenario = Scenario.from_config(data, cfg, seed)
+    data = load_data(cfg, cfg.seed)
+    scenario = Scenario.from_config(data, cfg, cfg.seed)
     method_cls.check_config(cfg, data.num_classes)
-    engine = Engine(cfg, console, device, seed)
+    engine = Engine(cfg, console, device, cfg.seed)
     engine.set_transforms(*make_transforms(data, cfg.augment))
     method = method_cls(cfg, engine, scenario)  # builds the backbone: checks names and pretrained weights
+    return data, scenario, engine, method
 
+
+def run_single(cfg: Config, run_dir: Path, console: Console) -> dict:
+    run_dir = Path(run_dir)
+    check_run_dir(run_dir)
+    data, scenario, engine, method = prepare(cfg, console)
     writer = RunWriter(run_dir, cfg, tensorboard=cfg.tensorboard)
     engine.tb = writer.tb
     console.attach(run_dir / "log.txt")
     try:
-        return _train_all_tasks(cfg, seed, device, method, engine, data, scenario, writer, console)
+        return _train_all_tasks(cfg, cfg.seed, engine.device, method, engine, data, scenario, writer, console)
     finally:
         writer.close()
         console.detach()
+
+
+def scenario_record(data, scenario) -> dict:
+    """What rebuilding the model needs without the data: classes, split and input normalisation."""
+    return {"class_names": list(data.class_names), "class_order": list(scenario.class_order),
+            "sizes": [t.size for t in scenario.tasks], "mean": list(data.mean), "std": list(data.std),
+            "input_shape": list(scenario.test.get(torch.tensor([0])).shape[1:])}  # (C, H, W) of uint8 inputs
 
 
 def _train_all_tasks(cfg, seed, device, method, engine, data, scenario, writer, console) -> dict:
@@ -140,7 +151,8 @@ def _train_all_tasks(cfg, seed, device, method, engine, data, scenario, writer, 
         if cfg.save_checkpoints:
             writer.save_checkpoint(task.id, {
                 "method": cfg.method, "dataset": ds_name, "class_order": scenario.class_order, "task": task.id,
-                "state": method.state_dict(), "optimizer": engine.last_optimizer_state,
+                "scenario": scenario_record(data, scenario), "state": method.state_dict(),
+                "optimizer": engine.last_optimizer_state,
                 "rng": {"torch": torch.get_rng_state(), "engine": engine.generator.get_state()},
                 "metrics": metrics.summary(), "config": dict(cfg),
             })

@@ -102,6 +102,12 @@ class Method:
         return self.engine.apply(self.net.features, data)
 
     # ---- accounting and checkpoints ----
+    def memory_budget(self, n_seen: int) -> int:
+        """Exemplars the memory may hold once n_seen classes are learned (for `dynammo cost`)."""
+        if self.memory is None:
+            return 0
+        return self.memory.quota(n_seen) * n_seen
+
     def memory_stats(self) -> tuple:
         if self.memory is None:
             return 0, 0

@@ -51,8 +51,8 @@ def min_others(head_logits: Sequence[torch.Tensor]) -> Dict[str, torch.Tensor]:
     task_id = others.argmin(dim=1)
     real = torch.cat([p[:, :-1] for p in probs], dim=1)  # (B, n_seen)
     sizes = [p.shape[1] - 1 for p in probs]
-    col_task = torch.repeat_interleave(torch.arange(len(sizes), device=real.device),
-                                       torch.tensor(sizes, device=real.device))
+    # the task of each column, built from Python ints so the shape is static (torch.export-friendly)
+    col_task = torch.cat([torch.full((n,), i, dtype=torch.long, device=real.device) for i, n in enumerate(sizes)])
     chosen = col_task.unsqueeze(0) == task_id.unsqueeze(1)
     logits = torch.where(chosen, real, real - 2.0)
     return {"logits": logits, "pred": logits.argmax(dim=1), "task_id": task_id, "task_il_logits": real}

@@ -1,0 +1,100 @@
+"""Reading a run directory back: its config, its checkpoints (loaded safely, with
+`torch.load(weights_only=True)`: no pickled code runs), and a method rebuilt from a checkpoint
+without the training data (the checkpoint records the classes, the split and the normalisation)."""
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+import yaml
+
+from dynammo.config import Config, build_config
+from dynammo.console import Console
+from dynammo.data.imageset import ImageSet
+from dynammo.data.scenario import Scenario
+from dynammo.data.transforms import BatchTransform
+from dynammo.engine import Engine, resolve_device
+from dynammo.errors import UserError
+from dynammo.methods import METHODS
+
+_CHECKPOINT = re.compile(r"task_(\d+)\.pt$")
+
+
+def read_run_config(run_dir) -> Config:
+    run_dir = Path(run_dir)
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a run directory (no config.yaml); give the --out folder of a `dynammo run`")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path} is not valid YAML ({exc.__class__.__name__}); restore it from the run") from exc
+    return build_config(raw)
+
+
+def available_checkpoints(run_dir) -> dict:
+    """{task id (0-based): path} of the run's per-task checkpoints."""
+    found = {}
+    for p in (Path(run_dir) / "checkpoints").glob("task_*.pt"):
+        m = _CHECKPOINT.search(p.name)
+        if m:
+            found[int(m.group(1))] = p
+    return dict(sorted(found.items()))
+
+
+def checkpoint_path(run_dir, task: Optional[int] = None) -> Path:
+    """The checkpoint after `task` (1-based, as printed by the run), or the last one."""
+    found = available_checkpoints(run_dir)
+    if not found:
+        raise UserError(f"{run_dir} holds no checkpoints (checkpoints/task_N.pt); the run had save_checkpoints=false "
+                        "or stopped before its first task ended")
+    if task is None:
+        return found[max(found)]
+    if task - 1 not in found:
+        raise UserError(f"{run_dir} has no checkpoint after task {task}; available: "
+                        f"{', '.join(str(t + 1) for t in found)}")
+    return found[task - 1]
+
+
+def load_checkpoint(path) -> dict:
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise UserError(f"checkpoint {path} does not exist") from exc
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise UserError(f"checkpoint {path} is damaged or not a dynammo checkpoint ({exc.__class__.__name__}); "
+                        "use an earlier task's checkpoint") from exc
+    if not isinstance(state, dict) or "state" not in state or "method" not in state:
+        raise UserError(f"{path} is not a dynammo checkpoint (no method state in it)")
+    return state
+
+
+def skeleton_scenario(record: dict) -> Scenario:
+    """The scenario of a checkpoint with no images: tasks, class order and names only."""
+    c, h, w = record["input_shape"]
+    empty = ImageSet(torch.zeros(0, dtype=torch.long), images=torch.zeros((0, c, h, w), dtype=torch.uint8))
+    return Scenario(empty, empty, record["class_names"], record["class_order"], record["sizes"])
+
+
+def restore_method(cfg: Config, ckpt: dict, device: str = "cpu"):
+    """The trained method of a checkpoint, on `device`, ready for inference (no data needed)."""
+    if "scenario" not in ckpt:
+        raise UserError("this checkpoint was written by an older dynammo without the scenario record; re-run to export it")
+    if ckpt["method"] != cfg.method:
+        raise UserError(f"the checkpoint is of method '{ckpt['method']}' but the run's config.yaml says "
+                        f"'{cfg.method}'; the run directory was mixed up")
+    record = ckpt["scenario"]
+    cfg = cfg.copy()
+    cfg["pretrained"] = False  # the checkpoint holds every weight; the pretrained file need not exist here
+    engine = Engine(cfg, Console(progress="false", quiet=True), resolve_device(device), cfg.seed)
+    tf = BatchTransform(record["mean"], record["std"])
+    engine.set_transforms(tf, tf)
+    method = METHODS.get(cfg.method)(cfg, engine, skeleton_scenario(record))
+    method.load_state_dict(ckpt["state"])
+    method.eval_mode()
+    return method

@@ -1,0 +1,159 @@
+"""Using a trained model outside the framework: `dynammo export` writes one self-contained file
+(a `torch.export` program: weights + the graph of the method's own decision rule, plus the class
+names), and `dynammo predict` classifies image files with it.
+
+The exported program takes uint8 images (B, C, H, W) at the run's input size and returns
+(class id (B,), confidence (B,)). It normalises inside, so callers pass raw pixels. For DynaMMo this
+is the merged model: one forward pass whose feature every task head reads, then min-others.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from dynammo.data.imageset import decode_image, resize_uint8
+from dynammo.errors import UserError
+from dynammo.io import write_atomic
+
+META_FILE = "dynammo.json"
+FORMAT = "dynammo-export-1"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+
+
+def decision(out: dict) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A method's predict output -> (class id, confidence). Min-others methods (ACL, DynaMMo) give the
+    chosen head's probability of the class; the others the softmax of their logits."""
+    logits = out["logits"]
+    pred = out["pred"].long() if "pred" in out else logits.argmax(1)
+    probs = out["task_il_logits"] if "task_id" in out else torch.softmax(logits.float(), dim=1)
+    return pred, probs.gather(1, pred.unsqueeze(1)).squeeze(1)
+
+
+class DeployedClassifier(nn.Module):
+    """uint8 images -> (class id, confidence), with the run's normalisation and decision rule."""
+
+    def __init__(self, method, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.net = method.net  # registered, so its weights are part of the exported program
+        self.predict_fn = method.predict
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        x = (images.float() / 255.0 - self.mean) / self.std  # as data/transforms.BatchTransform
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return decision(self.predict_fn(x))
+
+
+def export_run(run_dir, out, task=None) -> dict:
+    """Write the model of run_dir's checkpoint (the last, or after `task`) to `out`; returns the metadata."""
+    from dynammo.checkpoints import checkpoint_path, load_checkpoint, read_run_config, restore_method
+
+    cfg = read_run_config(run_dir)
+    path = checkpoint_path(run_dir, task)
+    ckpt = load_checkpoint(path)
+    method = restore_method(cfg, ckpt)
+    record = ckpt["scenario"]
+    model = DeployedClassifier(method, record["mean"], record["std"]).eval()
+    c, h, w = record["input_shape"]
+    example = torch.zeros((2, c, h, w), dtype=torch.uint8)
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    with torch.no_grad():
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    n_seen = sum(record["sizes"][: ckpt["task"] + 1])
+    meta = {
+        "format": FORMAT, "method": cfg.method, "dataset": ckpt["dataset"], "backbone": cfg.backbone,
+        "task": ckpt["task"] + 1, "tasks": len(record["sizes"]),
+        "class_names": [record["class_names"][c] for c in record["class_order"]][:n_seen],  # by class id
+        "input_shape": [c, h, w], "mean": record["mean"], "std": record["std"], "source": str(Path(run_dir).resolve()),
+    }
+    write_atomic(out, lambda fh: torch.export.save(program, fh, extra_files={META_FILE: json.dumps(meta)}))
+    return meta
+
+
+def load_exported(path) -> Tuple[nn.Module, dict]:
+    """(callable module, metadata) of an exported file; needs only torch."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"model file {path} does not exist; write one with `dynammo export RUN_DIR --out {path}`")
+    extra = {META_FILE: ""}
+    torch_log = logging.getLogger("torch")
+    level = torch_log.level
+    torch_log.setLevel(logging.ERROR)  # torch logs a traceback before raising on a non-program file
+    try:
+        program = torch.export.load(io.BytesIO(path.read_bytes()), extra_files=extra)  # any file name
+        meta = json.loads(extra[META_FILE])
+    except Exception as exc:  # torch raises many types for a file that is not an exported program
+        raise UserError(f"{path} is not a model written by `dynammo export` ({exc.__class__.__name__})") from exc
+    finally:
+        torch_log.setLevel(level)
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{path} is not a model written by `dynammo export` (format {meta.get('format')!r})")
+    return program.module(), meta
+
+
+def image_files(paths: Sequence[str]) -> List[Path]:
+    """The given files, and the image files inside given folders (recursively, sorted)."""
+    files: List[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            inside = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not inside:
+                raise UserError(f"folder {p} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            files += inside
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise UserError(f"image {p} does not exist")
+    return files
+
+
+def load_images(files: Sequence[Path], input_shape: Sequence[int]) -> torch.Tensor:
+    """Decode and resize as training did (uint8, antialiased bilinear to the run's input size)."""
+    c, h, w = input_shape
+    out = []
+    for f in files:
+        img = decode_image(str(f), c, None).unsqueeze(0)
+        if img.shape[-2:] != (h, w):
+            if h != w:
+                raise UserError(f"image {f} is {img.shape[-1]}x{img.shape[-2]} but the model takes {w}x{h}; resize it")
+            img = resize_uint8(img, h)
+        out.append(img)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def predict_files(model_path, paths: Sequence[str], batch_size: int = 64) -> List[dict]:
+    model, meta = load_exported(model_path)
+    files = image_files(paths)
+    rows = []
+    for i in range(0, len(files), batch_size):
+        chunk = files[i: i + batch_size]
+        pred, conf = model(load_images(chunk, meta["input_shape"]))
+        for f, k, p in zip(chunk, pred.tolist(), conf.tolist()):
+            rows.append({"image": str(f), "class": meta["class_names"][k], "class_id": k, "confidence": p})
+    return rows
+
+
+def print_predictions(rows: List[dict], as_csv: bool, stream=None) -> None:
+    stream = stream or sys.stdout
+    if as_csv:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=["image", "class", "class_id", "confidence"], lineterminator="\n")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({**r, "confidence": f"{r['confidence']:.6f}"})
+        stream.write(buf.getvalue())
+        return
+    width = max(len(r["image"]) for r in rows)
+    for r in rows:
+        stream.write(f"{r['image']:<{width}}  {r['class']}  {r['confidence']:.4f}\n")

@@ -1,0 +1,170 @@
+"""`dynammo export`, `dynammo predict` and `dynammo cost` on real runs of the CLI."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dynammo.checkpoints import load_checkpoint, read_run_config, restore_method
+from dynammo.console import Console
+from dynammo.deploy import decision, load_exported
+from dynammo.runner import prepare
+from test_cli_e2e import SHARED, assert_user_error, needs_mednist, run_cli
+
+SMALL = ["epochs=1", "batch_size=32", "progress=false", "plots=false", "tensorboard=false"]
+
+
+@pytest.fixture(scope="module")
+def dynammo_mednist(tmp_path_factory):
+    """A real DynaMMo run on real MedNIST images (3 tasks x 2 classes), exported."""
+    if not (SHARED / "mednist.tar.gz").is_file():
+        pytest.skip(f"real MedNIST not found at {SHARED} (the ../shared/data folder)")
+    root = tmp_path_factory.mktemp("deploy")
+    run_dir, model = root / "run", root / "model.pt"
+    proc = run_cli("run", "-c", "configs/dynammo/mednist_cpu.yaml", "--out", str(run_dir), f"data_root={SHARED}",
+                   "backbone=resnet20", "img_size=32", "max_train_per_class=30", "max_test_per_class=20",
+                   "memory_size=30", "epochs_finetune=1", "backbone_epochs=2", *SMALL)
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("export", str(run_dir), "--out", str(model))
+    assert proc.returncode == 0, proc.stderr
+    assert "after task 3/3" in proc.stdout
+    return run_dir, model
+
+
+@pytest.fixture(scope="module")
+def replay_digits(tmp_path_factory):
+    """A real Replay run on digits (a plain softmax head), exported after task 1 and after the last."""
+    root = tmp_path_factory.mktemp("deploy_digits")
+    run_dir = root / "run"
+    proc = run_cli("run", "--out", str(run_dir), "method=replay", "dataset=digits", "backbone=resnet20", "img_size=8",
+                   "max_train_per_class=20", "memory_size=20", *SMALL)
+    assert proc.returncode == 0, proc.stderr
+    return run_dir
+
+
+def framework_decisions(run_dir):
+    """(test set, pred, confidence) of the checkpointed model inside the framework, on the run's data."""
+    cfg = read_run_config(run_dir)
+    _, scenario, engine, _ = prepare(cfg, Console(progress="false", quiet=True))
+    method = restore_method(cfg, load_checkpoint(run_dir / "checkpoints" / f"task_{len(scenario) - 1}.pt"))
+    test = scenario.test_data_seen(scenario.tasks[-1])
+    pred, conf = decision(engine.apply(method.predict, test))
+    return scenario, test, pred, conf
+
+
+def check_export_equals_framework(run_dir, model_file):
+    scenario, test, pred, conf = framework_decisions(run_dir)
+    model, meta = load_exported(model_file)
+    with torch.no_grad():
+        e_pred, e_conf = model(test.images)
+    assert torch.equal(e_pred, pred)
+    assert torch.allclose(e_conf, conf, atol=1e-5)
+    assert meta["class_names"] == scenario.class_names  # index = class id of the predictions
+    acc = 100.0 * (e_pred == test.labels).float().mean().item()
+    assert acc == pytest.approx(json.loads((run_dir / "results.json").read_text())["acc"][-1], abs=1e-6)
+    return scenario, test, model, meta
+
+
+@needs_mednist
+def test_exported_dynammo_equals_the_framework_model(dynammo_mednist):
+    run_dir, model_file = dynammo_mednist
+    _, _, _, meta = check_export_equals_framework(run_dir, model_file)
+    assert (meta["method"], meta["dataset"], meta["task"]) == ("dynammo", "mednist", 3)
+    assert sorted(meta["class_names"]) == ["AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT"]
+
+
+def test_exported_replay_equals_the_framework_model(replay_digits, tmp_path):
+    model_file = tmp_path / "replay.pt"
+    assert run_cli("export", str(replay_digits), "--out", str(model_file)).returncode == 0
+    check_export_equals_framework(replay_digits, model_file)
+
+
+def write_pngs(folder, test, idx):
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for k, i in enumerate(idx):
+        arr = test.images[i].numpy()
+        arr = arr[0] if arr.shape[0] == 1 else arr.transpose(1, 2, 0)
+        path = folder / f"img_{k:02d}.png"
+        Image.fromarray(np.ascontiguousarray(arr)).save(path)
+        files.append(path)
+    return files
+
+
+@needs_mednist
+def test_predict_prints_class_and_confidence_per_image(dynammo_mednist, tmp_path):
+    run_dir, model_file = dynammo_mednist
+    scenario, test, pred, conf = framework_decisions(run_dir)
+    idx = torch.linspace(0, len(test) - 1, 7).long().tolist()  # images of several classes
+    files = write_pngs(tmp_path / "images", test, idx)
+    proc = run_cli("predict", str(model_file), *map(str, files), "--csv")
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader(io.StringIO(proc.stdout)))
+    assert [r["image"] for r in rows] == [str(f) for f in files]
+    for r, i in zip(rows, idx):
+        assert int(r["class_id"]) == pred[i].item()
+        assert r["class"] == scenario.class_names[pred[i].item()]
+        assert float(r["confidence"]) == pytest.approx(conf[i].item(), abs=1e-5)
+    # a folder argument: every image inside, sorted; plain output is one line per image
+    proc = run_cli("predict", str(model_file), str(tmp_path / "images"))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == len(files)
+    first = lines[0].split()
+    assert first[0] == str(files[0]) and first[1] == rows[0]["class"]
+    assert float(first[2]) == pytest.approx(float(rows[0]["confidence"]), abs=1e-4)
+
+
+def test_export_of_an_earlier_task_and_bad_inputs(replay_digits, tmp_path):
+    model_file = tmp_path / "task1.pt"
+    proc = run_cli("export", str(replay_digits), "--out", str(model_file), "--task", "1")
+    assert proc.returncode == 0, proc.stderr
+    _, meta = load_exported(model_file)
+    r = json.loads((replay_digits / "results.json").read_text())
+    assert meta["task"] == 1 and len(meta["class_names"]) == len(r["tasks"][0])
+
+    assert_user_error(run_cli("export", str(replay_digits), "--out", str(tmp_path / "x.pt"), "--task", "9"),
+                      "no checkpoint after task 9", "available: 1, 2, 3, 4, 5")
+    assert_user_error(run_cli("export", str(tmp_path), "--out", str(tmp_path / "x.pt")), "not a run directory")
+    assert not (tmp_path / "x.pt").exists()
+    assert_user_error(run_cli("predict", str(model_file), str(tmp_path / "missing.png")), "missing.png", "does not exist")
+    not_model = tmp_path / "not_a_model.pt"
+    not_model.write_bytes(b"garbage")
+    assert_user_error(run_cli("predict", str(not_model), str(tmp_path)), "not a model written by `dynammo export`")
+    bad_image = tmp_path / "bad.png"
+    bad_image.write_bytes(b"not a png")
+    assert_user_error(run_cli("predict", str(model_file), str(bad_image)), "bad.png", "cannot be read")
+
+
+def test_truncated_checkpoint_is_refused(replay_digits, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(replay_digits, copy)
+    ckpt = sorted((copy / "checkpoints").glob("task_*.pt"))[-1]
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    assert_user_error(run_cli("export", str(copy), "--out", str(tmp_path / "m.pt")), "damaged", ckpt.name)
+
+
+def test_cost_command_matches_the_costs_recorded_by_a_run(replay_digits):
+    """`dynammo cost -c config.yaml` (no training) gives the run's own per-task FLOPs and parameters."""
+    proc = run_cli("cost", "-c", str(replay_digits / "config.yaml"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    recorded = json.loads((replay_digits / "results.json").read_text())["cost"]
+    assert len(rows) == len(recorded) == 5
+    for row, rec in zip(rows, recorded):
+        assert row["inference_gflops"] == pytest.approx(rec["inference_gflops"], rel=1e-9)
+        assert row["params_total"] == rec["params_total"]
+        assert row["memory_exemplars"] >= rec["memory_exemplars"]  # a budget: classes may have fewer images
+    proc = run_cli("cost", "method=acl", "dataset=digits", "backbone=resnet20", "img_size=8", "init_cls=4",
+                   "increment=3", "memory_size=20")
+    assert proc.returncode == 0, proc.stderr
+    table = [l for l in proc.stdout.splitlines() if l.startswith("| ") and l[2].isdigit()]
+    gflops = [float(l.split("|")[3]) for l in table]
+    assert len(gflops) == 3 and gflops[2] > gflops[1] > gflops[0]  # ACL: one path per task
