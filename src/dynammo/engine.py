@@ -130,8 +130,12 @@ class Engine:
         return torch.autocast(self.device.type, dtype=dtype)
 
     def fit(self, params: Iterable[nn.Parameter], data: ImageSet, loss_fn: LossFn, settings: OptimSettings,
-            stage: str = "train", before_step: Optional[Callable[[], None]] = None, augment: bool = True) -> dict:
-        """Train `params` on `data` for settings.epochs epochs of loss_fn. Returns the last epoch's stats."""
+            stage: str = "train", before_step: Optional[Callable[[], None]] = None, augment: bool = True,
+            after_step: Optional[Callable[[], None]] = None) -> dict:
+        """Train `params` on `data` for settings.epochs epochs of loss_fn. Returns the last epoch's stats.
+
+        before_step runs between backward and the optimiser step (GEM's gradient projection);
+        after_step runs right after every optimiser step (WA's weight clipping)."""
         params = [p for p in params if p.requires_grad]
         if not params:
             raise ValueError(f"stage {stage}: nothing to train")
@@ -173,6 +177,8 @@ class Engine:
                     scaler.update()
                 else:
                     opt.step()
+                if after_step is not None:
+                    after_step()
                 loss_sum += loss.detach() * len(y)
                 seen += len(y)
                 if logits is not None:

@@ -1,0 +1,106 @@
+"""iCaRL: incremental classifier and representation learning (Rebuffi et al., CVPR 2017).
+
+- Memory: herding selection on L2-normalised features (`sampling_method: herding`), a fixed total
+  budget split evenly over the seen classes (see `data/memory.py`).
+- Training (every task): the task's data + the memory, with a frozen copy of the network taken at
+  the start of the task as the teacher for the old classes. Two losses (`distill_loss`):
+  - `kd` (default, the reference framework's): CE over all seen classes + KD with temperature T
+    (default 2) on the old classes' logits (`methods/distill.py`);
+  - `bce` (the paper's): binary cross-entropy with logits on every seen class, whose targets are
+    one-hot for the new labels and sigmoid(old model's logits) for the old classes.
+- Classifiers: the CNN head (reported as `acc`, ...) AND the nearest-mean-of-exemplars classifier
+  (reported as `extra.nme` in results.json). After the memory is updated at the end of every task,
+  each class's mean is the mean of its exemplars' L2-normalised features, L2-normalised again; a
+  test image goes to the class whose mean is nearest to its L2-normalised feature. `nme_flip: true`
+  also averages in the features of the horizontally flipped exemplars (the paper's code; off in the
+  reference). The means are kept with the model (checkpoints hold them), so a reloaded checkpoint
+  gives the same NME predictions without recomputing anything.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from dynammo.config import Option
+from dynammo.data.memory import ExemplarMemory
+from dynammo.data.scenario import Task
+from dynammo.engine import Batch
+from dynammo.methods import METHODS
+from dynammo.methods.distill import DistillMethod, kd_options
+
+
+def nme_predict(features: torch.Tensor, class_means: torch.Tensor) -> torch.Tensor:
+    """Nearest mean of exemplars: argmin_c || f / |f| - mu_c || over the class means (rows)."""
+    f = F.normalize(features.float(), dim=1)
+    dist = torch.cdist(f, class_means.to(f.device, torch.float32))
+    return dist.argmin(dim=1)
+
+
+def class_means_of(memory: ExemplarMemory, features_fn, n_classes: int, flip_fn=None) -> torch.Tensor:
+    """(n_classes, d): for each class, the L2-normalised mean of its exemplars' L2-normalised
+    features (averaged with those of the flipped exemplars when flip_fn is given)."""
+    means: Dict[int, torch.Tensor] = {}
+    for c, exemplars in memory.per_class.items():
+        f = F.normalize(features_fn(exemplars).float(), dim=1)
+        mean = f.mean(0)
+        if flip_fn is not None:
+            mean = (mean + F.normalize(flip_fn(exemplars).float(), dim=1).mean(0)) / 2
+        means[c] = F.normalize(mean, dim=0)
+    missing = [c for c in range(n_classes) if c not in means]
+    if missing:
+        raise ValueError(f"NME: classes {missing} have no exemplar in memory")
+    return torch.stack([means[c] for c in range(n_classes)])
+
+
+@METHODS.register("icarl", aliases=("icarl_il", "icarl_cil"))
+class ICaRL(DistillMethod):
+    summary = "herding memory + distillation of the old logits, CNN and nearest-mean-of-exemplars (NME) classifiers (CVPR 2017)"
+    options = {
+        **kd_options(),
+        "distill_loss": Option("str", "kd", "kd: CE + KD(T) on the old logits (the reference) | bce: sigmoid BCE "
+                                            "with the old model's sigmoid outputs as old-class targets (the paper)",
+                               choices=("kd", "bce")),
+        "nme_flip": Option("bool", False, "NME class means also average the flipped exemplars' features"),
+    }
+
+    def __init__(self, cfg, engine, scenario):
+        super().__init__(cfg, engine, scenario)
+        self.class_means: Optional[torch.Tensor] = None  # (n_seen, d), on the CPU
+
+    # ---- training ----
+    def step(self, batch: Batch):
+        if self.cfg.distill_loss == "kd":
+            return super().step(batch)
+        logits = self.net(batch.x)
+        targets = F.one_hot(batch.y, logits.shape[1]).float()
+        if self.old_net is not None:
+            targets[:, : self.known] = torch.sigmoid(self.old_logits(batch.x).float())
+        return F.binary_cross_entropy_with_logits(logits.float(), targets), logits, batch.y
+
+    def end_task(self, task: Task) -> None:
+        super().end_task(task)  # memory update (herding), then the class means from the new memory
+        self.update_class_means()
+
+    def update_class_means(self) -> None:
+        self.eval_mode()
+        flip = None
+        if self.cfg.nme_flip:
+            flip = lambda data: self.engine.apply(lambda x: self.net.features(x.flip(-1)), data)  # noqa: E731
+        self.class_means = class_means_of(self.memory, self.features, self.total, flip)
+
+    # ---- inference ----
+    def predict(self, x: torch.Tensor) -> dict:
+        feats = self.net.features(x)
+        out = {"logits": self.net.head(feats)}
+        if self.class_means is not None:
+            out["pred_nme"] = nme_predict(feats, self.class_means)
+        return out
+
+    # ---- checkpoints ----
+    def extra_state(self) -> dict:
+        return {"class_means": self.class_means}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.class_means = state.get("class_means")

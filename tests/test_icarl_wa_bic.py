@@ -1,0 +1,445 @@
+"""iCaRL, WA and BiC: the shared distillation loss and old model, iCaRL's nearest-mean-of-exemplars
+classifier, WA's weight aligning and clipping, BiC's split and bias layer, checkpoints, and
+end-to-end runs of the `dynammo` command."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from dynammo.config import build_config
+from dynammo.console import Console
+from dynammo.data import load_data
+from dynammo.data.scenario import Scenario
+from dynammo.data.transforms import make_transforms
+from dynammo.engine import Batch, Engine
+from dynammo.errors import UserError
+from dynammo.metrics import accuracy
+from dynammo.methods import METHODS
+from dynammo.methods.bic import BiasLayer
+from dynammo.methods.distill import frozen_copy, kd_loss
+from dynammo.methods.icarl import class_means_of, nme_predict
+from dynammo.methods.wa import align_weights
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("DYNAMMO_SHARED_DATA", ROOT.parent / "shared" / "data"))
+TINY = dict(dataset="digits", backbone="resnet20", img_size=8, init_cls=4, increment=3, epochs=1, batch_size=16,
+            max_train_per_class=12, memory_size=30, seed=0, progress="false", augment=False)
+
+
+def make_method(name: str, **kw):
+    cfg = build_config({"method": name, **TINY, **kw})
+    data = load_data(cfg, cfg.seed)
+    scenario = Scenario.from_config(data, cfg, cfg.seed)
+    METHODS.get(name).check_config(cfg, data.num_classes)
+    engine = Engine(cfg, Console(progress="false", quiet=True), torch.device("cpu"), cfg.seed)
+    engine.set_transforms(*make_transforms(data, cfg.augment))
+    torch.manual_seed(cfg.seed)
+    return METHODS.get(name)(cfg, engine, scenario)
+
+
+def run_task(method, task) -> None:
+    method.begin_task(task)
+    method.train_task(task)
+    method.end_task(task)
+
+
+def snapshot(module) -> dict:
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def batch_of(method, data, n: int = 10) -> Batch:
+    idx = torch.arange(min(n, len(data)))
+    raw = data.get(idx)
+    return Batch(method.engine.test_tf(raw), data.labels[idx], raw, idx)
+
+
+def reloaded(method):
+    """A fresh method of the same config with `method`'s checkpoint state loaded."""
+    other = make_method(method.cfg.method, **{k: method.cfg[k] for k in method.options})
+    other.load_state_dict(method.state_dict())
+    other.eval_mode()
+    return other
+
+
+def test_registered_with_aliases_and_faithful_defaults():
+    for name, aliases in {"icarl": ("icarl_il",), "wa": ("weight_aligning",), "bic": ("bias_correction",)}.items():
+        assert name in METHODS
+        assert all(METHODS.canonical(a) == name for a in aliases)
+        assert METHODS.get(name).uses_memory and METHODS.get(name).options["T"].default == 2.0
+    assert METHODS.get("icarl").options["distill_loss"].default == "kd"  # the reference's loss
+    assert METHODS.get("icarl").options["nme_flip"].default is False
+    assert METHODS.get("wa").options["kd_weight"].default == "sum"
+    assert METHODS.get("wa").options["weight_clipping"].default is True
+    assert METHODS.get("bic").options["kd_weight"].default == "adaptive"  # lambda = n_old / n_seen
+    assert METHODS.get("bic").options["split_ratio"].default == 0.1
+
+
+def test_config_checks():
+    with pytest.raises(UserError, match="split_ratio"):
+        make_method("bic", split_ratio=1.5)
+    with pytest.raises(UserError, match="distill_loss"):
+        make_method("icarl", distill_loss="mse")
+    with pytest.raises(UserError, match="belongs to"):
+        make_method("icarl", split_ratio=0.2)
+    with pytest.raises(UserError, match="memory"):
+        make_method("wa", memory_size=0)
+
+
+# ---------------------------------------------------------------- the shared distillation
+
+
+def test_kd_loss_by_hand():
+    torch.manual_seed(0)
+    new, old, T = torch.randn(5, 7), torch.randn(5, 4), 2.0
+    q = torch.softmax(old / T, 1)
+    want = -(q * torch.log_softmax(new[:, :4] / T, 1)).sum(1).mean()
+    torch.testing.assert_close(kd_loss(new, old, T), want)
+    # only the old classes' columns count
+    other = new.clone()
+    other[:, 4:] = 100.0
+    torch.testing.assert_close(kd_loss(other, old, T), want)
+    # = KL + the teacher's entropy: minimal (zero gradient) where the student equals the teacher
+    student = old.clone().requires_grad_(True)
+    kd_loss(torch.cat([student, torch.randn(5, 3)], 1), old, T).backward()
+    assert student.grad.abs().max() < 1e-6
+    kl = F.kl_div(torch.log_softmax(new[:, :4] / T, 1), q, reduction="batchmean")
+    torch.testing.assert_close(kd_loss(new, old, T), kl - (q * q.log()).sum(1).mean())
+
+
+def test_old_model_is_the_frozen_network_of_the_previous_task_and_rebuilds_from_a_checkpoint():
+    m = make_method("wa")
+    t0, t1 = m.scenario.tasks[:2]
+    run_task(m, t0)
+    assert m.old_net is None
+    after_t0 = snapshot(m.net)
+    ckpt = m.state_dict()
+    m.begin_task(t1)
+    assert same(snapshot(m.old_net), after_t0)
+    assert not any(p.requires_grad for p in m.old_net.parameters()) and not m.old_net.training
+    assert m.old_net.head.num_classes == t0.size and m.net.head.num_classes == t1.end
+    # a fresh method loaded from task 0's checkpoint rebuilds the same teacher
+    other = make_method("wa")
+    other.load_state_dict(ckpt)
+    other.begin_task(t1)
+    assert same(snapshot(other.old_net), after_t0)
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(other.old_net(x), m.old_net(x))
+    m.train_task(t1)
+    assert same(snapshot(m.old_net), after_t0)  # the teacher never trains
+
+
+@pytest.mark.parametrize("name,weighting", [("icarl", "sum"), ("wa", "sum"), ("bic", "adaptive"), ("wa", "adaptive")])
+def test_training_loss_is_ce_plus_kd_on_old_logits(name, weighting):
+    m = make_method(name, kd_weight=weighting)
+    t0, t1 = m.scenario.tasks[:2]
+    run_task(m, t0)
+    m.begin_task(t1)
+    batch = batch_of(m, m.training_set(t1), 16)
+    loss, logits, y = m.step(batch)
+    with torch.no_grad():
+        old = m.old_net(batch.x)
+    ce, kd = F.cross_entropy(logits, batch.y), kd_loss(logits, old, 2.0)
+    lam = t0.size / t1.end
+    want = (1 - lam) * ce + lam * kd if weighting == "adaptive" else ce + kd
+    torch.testing.assert_close(loss, want)
+    assert kd > 0 and old.shape[1] == t0.size and logits.shape[1] == t1.end
+
+
+# ---------------------------------------------------------------- iCaRL
+
+
+def hand_means(m, memory) -> torch.Tensor:
+    rows = []
+    for c in range(m.total):
+        x = m.engine.test_tf(memory.per_class[c].images)
+        with torch.no_grad():
+            f = F.normalize(m.net.features(x), dim=1)
+        rows.append(F.normalize(f.mean(0), dim=0))
+    return torch.stack(rows)
+
+
+def test_icarl_nme_uses_the_means_of_the_memory_exemplars():
+    m = make_method("icarl")
+    for task in m.scenario.tasks[:2]:
+        run_task(m, task)
+    m.eval_mode()
+    means = hand_means(m, m.memory)
+    assert m.class_means.shape == (m.total, m.net.backbone.out_dim)
+    torch.testing.assert_close(m.class_means, means, rtol=1e-5, atol=1e-6)
+    test = m.scenario.test_data_seen(m.scenario.tasks[1])
+    x = m.engine.test_tf(test.images)
+    with torch.no_grad():
+        out = m.predict(x)
+        f = F.normalize(m.net.features(x), dim=1)
+        logits = m.net(x)
+    hand = torch.cdist(f, means).argmin(1)
+    assert torch.equal(out["pred_nme"], hand)  # the nearest of the hand-computed exemplar means
+    assert torch.equal(out["logits"], logits)  # the CNN head is reported beside it
+    assert not torch.equal(out["pred_nme"], logits.argmax(1))  # two different classifiers
+    # other exemplars -> other means -> other NME predictions
+    train = m.scenario.train
+    for c in list(m.memory.per_class):
+        cls = train.of_classes([c])
+        m.memory.per_class[c] = cls.subset(torch.arange(len(cls) - 2, len(cls)))
+    m.update_class_means()
+    new_means = hand_means(m, m.memory)
+    torch.testing.assert_close(m.class_means, new_means, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(new_means, means, atol=1e-3)
+    with torch.no_grad():
+        assert torch.equal(m.predict(x)["pred_nme"], torch.cdist(f, new_means).argmin(1))
+
+
+def test_nme_predict_and_flip_option_by_hand():
+    means = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]), dim=1)
+    feats = torch.tensor([[5.0, 0.1], [0.2, 3.0], [-2.0, -0.5], [10.0, 9.0]])
+    assert nme_predict(feats, means).tolist() == [0, 1, 2, 0]
+    m = make_method("icarl", nme_flip=True)
+    run_task(m, m.scenario.tasks[0])
+    m.eval_mode()
+    got = m.class_means
+    for c in range(m.total):
+        x = m.engine.test_tf(m.memory.per_class[c].images)
+        with torch.no_grad():
+            a = F.normalize(m.net.features(x), dim=1).mean(0)
+            b = F.normalize(m.net.features(x.flip(-1)), dim=1).mean(0)
+        torch.testing.assert_close(got[c], F.normalize((a + b) / 2, dim=0), rtol=1e-5, atol=1e-6)
+    plain = class_means_of(m.memory, m.features, m.total)
+    assert not torch.allclose(plain, got)
+
+
+def test_icarl_bce_option_is_the_papers_loss():
+    m = make_method("icarl", distill_loss="bce")
+    t0, t1 = m.scenario.tasks[:2]
+    run_task(m, t0)
+    m.begin_task(t1)
+    batch = batch_of(m, m.training_set(t1), 16)
+    loss, logits, _ = m.step(batch)
+    target = F.one_hot(batch.y, t1.end).float()
+    with torch.no_grad():
+        target[:, : t0.size] = torch.sigmoid(m.old_net(batch.x))
+    torch.testing.assert_close(loss, F.binary_cross_entropy_with_logits(logits, target))
+
+
+def test_icarl_checkpoint_reload_gives_identical_cnn_and_nme_predictions():
+    m = make_method("icarl")
+    for task in m.scenario.tasks[:2]:
+        run_task(m, task)
+    m.eval_mode()
+    other = reloaded(m)
+    assert torch.equal(other.class_means, m.class_means)
+    x = m.engine.test_tf(m.scenario.test_data_seen(m.scenario.tasks[1]).images)
+    with torch.no_grad():
+        a, b = m.predict(x), other.predict(x)
+    assert torch.equal(a["pred_nme"], b["pred_nme"]) and torch.equal(a["logits"], b["logits"])
+
+
+# ---------------------------------------------------------------- WA
+
+
+def test_align_weights_by_hand():
+    torch.manual_seed(0)
+    w = torch.rand(7, 5) * torch.tensor([1.0] * 4 + [3.0] * 3).unsqueeze(1)  # new rows 3x larger
+    old_rows = w[:4].clone()
+    gamma = align_weights(w, 4)
+    norms = w.norm(dim=1)
+    torch.testing.assert_close(norms[4:].mean(), norms[:4].mean())
+    assert torch.equal(w[:4], old_rows)  # old weights bit-for-bit unchanged
+    assert 0.2 < gamma < 0.5
+
+
+def test_wa_aligns_after_each_task_and_clips_weights():
+    m = make_method("wa")
+    t0, t1 = m.scenario.tasks[:2]
+    run_task(m, t0)
+    assert (m.net.head.fc.weight >= 0).all()  # clipped from the first task on
+    seen = {}
+    orig = m.engine.fit
+
+    def spy(*args, **kw):
+        out = orig(*args, **kw)
+        seen["before_align"] = m.net.head.fc.weight.detach().clone()
+        return out
+
+    m.engine.fit = spy
+    run_task(m, t1)
+    w = m.net.head.fc.weight.detach()
+    norms = w.norm(dim=1)
+    torch.testing.assert_close(norms[t0.size:].mean(), norms[: t0.size].mean())
+    assert torch.equal(w[: t0.size], seen["before_align"][: t0.size])  # old rows untouched by aligning
+    before = seen["before_align"].norm(dim=1)
+    assert not torch.allclose(before[t0.size:].mean(), before[: t0.size].mean())  # it did change something
+    assert (w >= 0).all()
+    unclipped = make_method("wa", weight_clipping=False)
+    run_task(unclipped, t0)
+    assert (unclipped.net.head.fc.weight < 0).any()
+
+
+# ---------------------------------------------------------------- BiC
+
+
+def test_bias_layer_changes_only_the_new_classes_logits():
+    layer = BiasLayer(4, 7)
+    with torch.no_grad():
+        layer.alpha.fill_(1.7), layer.beta.fill_(-0.3)
+    z = torch.randn(6, 10)
+    out = layer(z)
+    assert torch.equal(out[:, :4], z[:, :4]) and torch.equal(out[:, 7:], z[:, 7:])  # bit-identical
+    torch.testing.assert_close(out[:, 4:7], 1.7 * z[:, 4:7] - 0.3)
+    identity = BiasLayer(4, 7)(z)  # alpha 1, beta 0 at the start
+    assert torch.equal(identity, z)
+
+
+def test_bic_split_is_class_balanced_and_held_out():
+    m = make_method("bic", split_ratio=0.2, max_train_per_class=20, memory_size=40)
+    t0, t1 = m.scenario.tasks[:2]
+    run_task(m, t0)
+    m.begin_task(t1)
+    train, val = m.split(t1)
+    n_val = int(0.2 * m.memory.quota(t0.end))  # 0.2 * (40 // 4) = 2 per class
+    assert n_val == 2
+    assert torch.bincount(val.labels, minlength=t1.end).tolist() == [n_val] * t1.end
+    memory = m.memory.as_imageset()
+    new = m.scenario.train_data(t1)
+    assert len(train) + len(val) == len(memory) + len(new)
+    key = lambda s: {(int(y), bytes(img.numpy())) for y, img in zip(s.labels, s.images)}  # noqa: E731
+    assert not key(train) & key(val) and key(train) | key(val) == key(memory) | key(new)
+    assert m.lamda() == pytest.approx(t0.size / t1.end)
+
+
+def test_bic_stage2_trains_only_the_new_bias_layer_and_leaves_old_logits_bit_identical():
+    m = make_method("bic", lrate=0.05)
+    t0, t1, t2 = m.scenario.tasks
+    run_task(m, t0)
+    assert len(m.net.bias_layers) == 0
+    seen = {}
+    orig = m.train_bias
+
+    def spy(val):
+        seen["net"] = snapshot(m.net)
+        orig(val)
+
+    m.train_bias = spy
+    run_task(m, t1)
+    after = snapshot(m.net)
+    changed = {k for k in after if not torch.equal(after[k], seen["net"][k])}
+    assert changed == {"bias_layers.0.alpha", "bias_layers.0.beta"}  # BN statistics too: eval mode
+    layer = m.net.bias_layers[0]
+    assert (layer.start, layer.end) == (t1.start, t1.end)
+    assert layer.alpha.item() != 1.0 and layer.beta.item() != 0.0  # alpha and beta did train
+    run_task(m, t2)
+    assert len(m.net.bias_layers) == 2 and not any(p.requires_grad for p in m.net.bias_layers.parameters())
+    m.eval_mode()
+    x = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        raw = m.net.raw_logits(x)
+        out = m.net(x)
+        without_last = m.net.bias_layers[0](raw)
+    torch.testing.assert_close(out, m.net.bias_layers[1](without_last))
+    assert torch.equal(out[:, : t2.start], without_last[:, : t2.start])  # the last layer leaves old logits alone
+    assert torch.equal(out[:, : t1.start], raw[:, : t1.start])  # task 0's logits are never corrected
+    assert not torch.equal(out[:, t2.start:], raw[:, t2.start:])
+    # the teacher of a next task holds the bias layers, and so does a checkpoint
+    other = reloaded(m)
+    assert len(other.net.bias_layers) == 2
+    with torch.no_grad():
+        assert torch.equal(other.predict(x)["logits"], m.predict(x)["logits"])
+    assert len(frozen_copy(m.net).bias_layers) == 2
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def run_cli(*args):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "dynammo", *args], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=600)
+
+
+E2E = ["dataset=digits", "backbone=resnet20", "img_size=8", "init_cls=4", "increment=3", "epochs=1",
+       "max_train_per_class=12", "memory_size=30", "batch_size=32", "progress=false", "plots=false",
+       "tensorboard=false"]
+
+
+@pytest.fixture(scope="module")
+def e2e_runs(tmp_path_factory):
+    out = {}
+    for name in ("icarl", "wa", "bic"):
+        run_dir = tmp_path_factory.mktemp("runs") / name
+        proc = run_cli("run", "--out", str(run_dir), f"method={name}", *E2E)
+        assert proc.returncode == 0, proc.stderr + proc.stdout
+        out[name] = run_dir
+    return out
+
+
+@pytest.mark.slow
+def test_end_to_end_results_json(e2e_runs):
+    for name, run_dir in e2e_runs.items():
+        r = json.loads((run_dir / "results.json").read_text())
+        assert r["status"] == "complete" and r["method"] == name and len(r["acc"]) == 3
+        assert all(c["memory_exemplars"] > 0 for c in r["cost"])
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert cfg["T"] == 2.0
+    icarl = json.loads((e2e_runs["icarl"] / "results.json").read_text())
+    nme = icarl["extra"]["nme"]
+    assert len(nme["acc"]) == 3 and nme["last_acc"] == nme["acc"][-1] and all(0 <= a <= 100 for a in nme["acc"])
+    assert "extra" not in json.loads((e2e_runs["wa"] / "results.json").read_text())
+    assert "weight aligning: gamma" in (e2e_runs["wa"] / "log.txt").read_text()
+    log = (e2e_runs["bic"] / "log.txt").read_text()
+    assert "bias layer: alpha" in log and "bias epoch" in log
+    bic_p = [c["params_total"] for c in json.loads((e2e_runs["bic"] / "results.json").read_text())["cost"]]
+    wa_p = [c["params_total"] for c in json.loads((e2e_runs["wa"] / "results.json").read_text())["cost"]]
+    assert [b - w for b, w in zip(bic_p, wa_p)] == [0, 2, 4]  # + alpha, beta per task t >= 1
+
+
+@pytest.mark.slow
+def test_checkpoints_reload_into_the_same_predictions(e2e_runs):
+    for name, run_dir in e2e_runs.items():
+        r = json.loads((run_dir / "results.json").read_text())
+        cfg = build_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
+        data = load_data(cfg, cfg.seed)
+        scenario = Scenario.from_config(data, cfg, cfg.seed)
+        engine = Engine(cfg, Console(progress="false", quiet=True), torch.device("cpu"), cfg.seed)
+        engine.set_transforms(*make_transforms(data, cfg.augment))
+        method = METHODS.get(name)(cfg, engine, scenario)
+        state = torch.load(run_dir / "checkpoints" / "task_2.pt", map_location="cpu", weights_only=False)
+        method.load_state_dict(state["state"])
+        method.eval_mode()
+        test = scenario.test_data_seen(scenario.tasks[-1])
+        out = engine.apply(method.predict, test)
+        assert accuracy(test.labels, out["logits"].argmax(1)) == r["acc"][-1]
+        if name == "icarl":  # the NME accuracy too: the class means come back with the checkpoint
+            assert accuracy(test.labels, out["pred_nme"].long()) == r["extra"]["nme"]["acc"][-1]
+
+
+needs_mednist = pytest.mark.skipif(not (SHARED / "mednist.tar.gz").is_file(),
+                                   reason=f"real MedNIST not found at {SHARED} (the ../shared/data folder)")
+
+
+@needs_mednist
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["icarl", "wa", "bic"])
+def test_cpu_config_on_real_mednist(tmp_path, name):
+    out = tmp_path / name
+    proc = run_cli("run", "-c", str(ROOT / f"configs/{name}/mednist_cpu.yaml"), "--out", str(out),
+                   f"data_root={SHARED}", "epochs=1", "max_train_per_class=30", "max_test_per_class=30",
+                   "img_size=32", "memory_size=30", "progress=false", "plots=false", "tensorboard=false")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads((out / "results.json").read_text())
+    assert r["status"] == "complete" and r["dataset"] == "mednist" and len(r["acc"]) == 3
+    assert r["cost"][-1]["memory_exemplars"] == 30
+    if name == "icarl":
+        assert len(r["extra"]["nme"]["acc"]) == 3
