@@ -213,3 +213,16 @@ def test_pretrained_false_and_unknown_backbone():
     assert isinstance(build_backbone("resnet20", False), nn.Module)
     with pytest.raises(UserError, match="did you mean 'resnet18'"):
         build_backbone("resnet81")
+
+
+def test_channels_last_maxpool_equals_torch_maxpool_values_and_gradients():
+    from dynammo.models.backbones import MaxPool2dNHWC
+
+    x = torch.randn(2, 8, 15, 15, requires_grad=True)
+    ref, fast = nn.MaxPool2d(3, 2, 1), MaxPool2dNHWC(3, 2, 1)
+    a, b = ref(x), fast(x)
+    assert torch.equal(a, b) and b.is_contiguous()
+    ga, = torch.autograd.grad(a.square().sum(), x)
+    gb, = torch.autograd.grad(b.square().sum(), x)
+    assert torch.equal(ga, gb)
+    assert isinstance(build_backbone("resnet18").maxpool, MaxPool2dNHWC)
