@@ -188,3 +188,22 @@ class ReservoirBuffer:
         per_slot = self.images[0].numel() * self.images.element_size()
         per_slot += sum(v[0].numel() * v.element_size() for v in self.extras.values())
         return len(self) * per_slot
+
+    def state_dict(self) -> dict:
+        """The filled slots and the stream count (checkpoints hold no empty slots)."""
+        n = len(self)
+        return {"capacity": self.capacity, "seen": self.seen,
+                "images": None if self.images is None else self.images[:n].clone(),
+                "labels": None if self.labels is None else self.labels[:n].clone(),
+                "extras": {k: v[:n].clone() for k, v in self.extras.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        def full(stored: torch.Tensor) -> torch.Tensor:
+            buf = torch.zeros((self.capacity,) + tuple(stored.shape[1:]), dtype=stored.dtype)
+            buf[: len(stored)] = stored
+            return buf
+
+        self.capacity, self.seen = int(state["capacity"]), int(state["seen"])
+        self.images = None if state["images"] is None else full(state["images"])
+        self.labels = None if state["labels"] is None else full(state["labels"])
+        self.extras = {k: full(v) for k, v in state["extras"].items()}

@@ -1,0 +1,203 @@
+"""GEM: Gradient Episodic Memory (Lopez-Paz & Ranzato, "Gradient Episodic Memory for Continual
+Learning", NeurIPS 2017).
+
+- Episodic memory per task: after t tasks every task keeps memory_size // t samples (split evenly
+  over its classes; older tasks are truncated in selection order). With `memory_per_class` every
+  class keeps that many instead.
+- Every training step: g = the gradient of the current batch's loss; g_k = the gradient of the loss
+  on task k's memory, for every earlier task k. If some <g, g_k> < 0, g is replaced by the
+  projection g~ = g + G^T v, v the solution of the dual quadratic program (paper eq. 10-11)
+      min_v 1/2 v^T G G^T v + (G g)^T v   subject to  v >= margin,
+  solved with `quadprog`. `gem_margin` is the paper's "memory strength" (0.5 by default); with
+  margin 0 this is the exact Euclidean projection onto {g~ : <g~, g_k> >= 0 for all k}.
+- Class-incremental adaptation (`gem_loss_scope`): the paper (task-incremental) evaluates each
+  task's loss on that task's outputs only. Here the default, "seen", takes every loss over all
+  classes seen so far (as class-IL reimplementations such as Mammoth do): a new class stealing an
+  old sample's prediction then raises that task's memory loss, which is exactly what the constraint
+  must prevent. "task" restricts the current batch's loss to the new classes and task k's memory
+  loss to task k's classes, as the reference framework (CL_Pytorch) does.
+- The paper uses a task's whole memory at every step; `gem_mem_batch` optionally uses a random
+  subset of each task's memory per step (cheaper, for CPU runs).
+- Memory selection follows `sampling_method` (herding in the reference framework's configs; the
+  paper keeps the last samples of each task's stream, close to `random`).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dynammo.config import Option
+from dynammo.data.memory import select
+from dynammo.data.scenario import Task, task_sizes
+from dynammo.engine import Batch, OptimSettings
+from dynammo.errors import UserError
+from dynammo.methods import METHODS
+from dynammo.methods.base import Method
+
+
+def require_quadprog():
+    try:
+        import quadprog
+    except ImportError as exc:
+        raise UserError("method 'gem' needs the quadprog package to solve its quadratic program; "
+                        "install it with `pip install quadprog`") from exc
+    return quadprog
+
+
+def project_to_cone(g: torch.Tensor, old: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """GEM's projection of the gradient g (p,) given the old tasks' gradients old (t, p).
+
+    Solves min_v 1/2 v^T P v + q^T v s.t. v >= margin, with P = old old^T and q = old g, and
+    returns g + old^T v. Only the t x t problem goes to the solver (on the CPU, in float64);
+    the big matrix products stay on g's device and dtype.
+    """
+    quadprog = require_quadprog()
+    p_mat = (old @ old.T).double().cpu().numpy()
+    q = (old @ g).double().cpu().numpy()
+    t = len(q)
+    p_mat = 0.5 * (p_mat + p_mat.T)
+    scale = max(float(np.trace(p_mat)) / t, 1e-30)
+    # quadprog needs P positive definite; a tiny ridge (relative to the gradients' scale) makes it
+    # so when old-task gradients are linearly dependent, at a constraint error of ridge * v.
+    for ridge in (1e-10, 1e-6, 1e-3):
+        try:
+            v = quadprog.solve_qp(p_mat + ridge * scale * np.eye(t), -q, np.eye(t), np.full(t, float(margin)))[0]
+            break
+        except ValueError:
+            continue
+    else:
+        raise RuntimeError(f"GEM's quadratic program has no solution for {t} task gradients")
+    return g + torch.as_tensor(v, dtype=old.dtype, device=old.device) @ old
+
+
+def flat_grad(params: Sequence[nn.Parameter]) -> torch.Tensor:
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+
+
+def write_grad(params: Sequence[nn.Parameter], flat: torch.Tensor) -> None:
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset: offset + n].view_as(p).to(p.dtype).clone()
+        offset += n
+
+
+def task_memory_quotas(memory_size: int, sizes: List[int]) -> List[int]:
+    """Exemplars per class of each seen task: memory_size // n_tasks per task, split over its classes."""
+    per_task = memory_size // max(len(sizes), 1)
+    return [per_task // s for s in sizes]
+
+
+@METHODS.register("gem", aliases=("gem_il", "gradient_episodic_memory"))
+class GEM(Method):
+    summary = "Gradient Episodic Memory: per-task memory, gradient projected by a QP (NeurIPS 2017)"
+    uses_memory = True
+    options = {
+        "gem_margin": Option("float", 0.5, "memory strength: the QP's dual variables are at least this (paper: 0.5)",
+                             min=0.0),
+        "gem_loss_scope": Option("str", "seen", "classes a loss is taken over: seen (every seen class, class-IL) | "
+                                                "task (the sample's task only, as the reference framework)",
+                                 choices=("seen", "task")),
+        "gem_mem_batch": Option("int", None, "memory samples per old task per step (default: the whole task memory, "
+                                             "as the paper)", min=1),
+    }
+
+    @classmethod
+    def check_config(cls, cfg, num_classes: int) -> None:
+        super().check_config(cfg, num_classes)
+        require_quadprog()
+        if cfg.memory_per_class or isinstance(cfg.dataset, list):
+            return  # a fixed per-class quota, or a stream whose task sizes come from the data
+        sizes = task_sizes(num_classes, cfg.init_cls, cfg.increment)
+        quotas = task_memory_quotas(cfg.memory_size, sizes)
+        if min(quotas) < 1:
+            raise UserError(f"memory_size={cfg.memory_size} split over {len(sizes)} tasks leaves a class of a "
+                            f"{max(sizes)}-class task no exemplar; raise memory_size to at least "
+                            f"{len(sizes) * max(sizes)} or set memory_per_class")
+
+    def __init__(self, cfg, engine, scenario):
+        super().__init__(cfg, engine, scenario)
+        self.old_memories: List[tuple] = []  # (raw images on the device, labels, task) per earlier task
+        self.current: Optional[Task] = None  # the task being trained
+
+    # ---- losses ----
+    def loss_on(self, x: torch.Tensor, y: torch.Tensor, task: Task):
+        logits = self.net(x)
+        if self.cfg.gem_loss_scope == "task":
+            return F.cross_entropy(logits[:, task.start: task.end], y - task.start), logits
+        return F.cross_entropy(logits, y), logits
+
+    def step(self, batch: Batch):
+        loss, logits = self.loss_on(batch.x, batch.y, self.current)
+        return loss, logits, batch.y
+
+    # ---- training ----
+    def train_task(self, task: Task) -> None:
+        self.current = task
+        self.old_memories = self.load_old_memories(task)
+        self.train_mode()
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        settings = OptimSettings.from_config(self.cfg, first_task=task.id == 0)
+        hook = (lambda: self.project(params)) if self.old_memories else None
+        self.engine.fit(params, self.scenario.train_data(task), self.step, settings, before_step=hook)
+        self.old_memories = []
+
+    def load_old_memories(self, task: Task) -> List[tuple]:
+        out = []
+        for old in self.scenario.tasks[: task.id]:
+            sets = [self.memory.per_class[c] for c in old.classes if c in self.memory.per_class]
+            labels = torch.cat([s.labels for s in sets]) if sets else torch.zeros(0, dtype=torch.long)
+            if len(labels):
+                raw = torch.cat([s.get(torch.arange(len(s))) for s in sets])
+                out.append((raw.to(self.device), labels.to(self.device), old))
+        return out
+
+    def memory_gradient(self, params, raw: torch.Tensor, labels: torch.Tensor, task: Task) -> torch.Tensor:
+        if self.cfg.gem_mem_batch and len(labels) > self.cfg.gem_mem_batch:
+            idx = torch.randperm(len(labels), generator=self.engine.generator)[: self.cfg.gem_mem_batch]
+            raw, labels = raw[idx.to(raw.device)], labels[idx.to(labels.device)]
+        for p in params:
+            p.grad = None
+        with self.engine.autocast():
+            loss, _ = self.loss_on(self.engine.train_tf(raw, self.engine.generator), labels, task)
+        loss.backward()
+        return flat_grad(params)
+
+    def project(self, params: Sequence[nn.Parameter]) -> None:
+        """before_step hook: replace the current gradient by its GEM projection when it would raise
+        the loss of an earlier task's memory."""
+        g = flat_grad(params)
+        old = torch.stack([self.memory_gradient(params, raw, y, t) for raw, y, t in self.old_memories])
+        if bool(((old @ g) < 0).any()):
+            g = project_to_cone(g, old, self.cfg.gem_margin)
+        write_grad(params, g)
+
+    # ---- memory: split over the tasks seen ----
+    def class_quotas(self, seen: Sequence[Task]) -> List[int]:
+        """Exemplars per class of each task in `seen` (every task learned so far)."""
+        if self.memory.memory_per_class:
+            return [self.memory.memory_per_class] * len(seen)
+        return task_memory_quotas(self.memory.memory_size, [t.size for t in seen])
+
+    def memory_budget(self, n_seen: int) -> int:
+        seen = [t for t in self.scenario.tasks if t.end <= n_seen]
+        return sum(q * t.size for q, t in zip(self.class_quotas(seen), seen))
+
+    def end_task(self, task: Task) -> None:
+        self.eval_mode()
+        seen = self.scenario.tasks[: task.id + 1]
+        quotas = self.class_quotas(seen)
+        for old, m in zip(seen[:-1], quotas[:-1]):
+            for c in old.classes:
+                if c in self.memory.per_class:
+                    kept = self.memory.per_class[c]
+                    self.memory.per_class[c] = kept.subset(torch.arange(min(m, len(kept))))
+        data = self.scenario.train_data(task)
+        for c in task.classes:
+            cls_data = data.of_classes([c])
+            idx = select(self.memory.sampling_method, cls_data, quotas[-1], self.features, self.engine.generator)
+            self.memory.per_class[c] = cls_data.subset(idx)

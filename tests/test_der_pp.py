@@ -1,0 +1,158 @@
+"""DER++ (dark experience replay): the buffer stores the logits it replays, the logit-replay term,
+checkpoints and memory accounting, and an end-to-end run of the `dynammo` command."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dynammo.config import build_config
+from dynammo.console import Console
+from dynammo.data import load_data
+from dynammo.data.scenario import Scenario
+from dynammo.data.transforms import make_transforms
+from dynammo.engine import Batch, Engine
+from dynammo.errors import UserError
+from dynammo.methods import METHODS
+from dynammo.methods.der_pp import stored_logits_mse
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(dataset="digits", backbone="resnet20", img_size=8, init_cls=4, increment=3, epochs=1, batch_size=16,
+            max_train_per_class=12, memory_size=40, seed=0, progress="false", augment=False)
+
+
+def make_method(**kw):
+    cfg = build_config({"method": "der_pp", **TINY, **kw})
+    data = load_data(cfg, cfg.seed)
+    scenario = Scenario.from_config(data, cfg, cfg.seed)
+    METHODS.get("der_pp").check_config(cfg, data.num_classes)
+    engine = Engine(cfg, Console(progress="false", quiet=True), torch.device("cpu"), cfg.seed)
+    engine.set_transforms(*make_transforms(data, cfg.augment))
+    torch.manual_seed(cfg.seed)
+    return METHODS.get("der_pp")(cfg, engine, scenario)
+
+
+def run_task(method, task) -> None:
+    method.begin_task(task)
+    method.train_task(task)
+    method.end_task(task)
+
+
+def batch_of(method, task, idx) -> Batch:
+    data = method.scenario.train_data(task)
+    raw = data.get(idx)
+    return Batch(method.engine.train_tf(raw), data.labels[idx], raw, idx)
+
+
+def test_names_never_confuse_der_pp_with_der():
+    for alias in ("der_pp", "dark_er", "derpp", "der++", "DER_PP"):
+        assert METHODS.canonical(alias) == "der_pp"
+    assert METHODS.canonical("der") == "der"
+    assert "not DER" in METHODS.get("der_pp").summary and "Dark Experience Replay" in METHODS.get("der_pp").summary
+
+
+def test_buffer_stores_the_logits_the_model_gave_its_raw_images():
+    m = make_method()
+    task = m.scenario.tasks[0]
+    m.begin_task(task)
+    m.eval_mode()  # BatchNorm on running statistics: a sample's logits do not depend on its batch
+    b = batch_of(m, task, torch.arange(10))
+    _, logits, _ = m.step(b)
+    buf = m.buffer
+    assert len(buf) == 10
+    assert torch.equal(buf.images[:10], b.raw) and torch.equal(buf.labels[:10], b.y)
+    assert torch.equal(buf.extras["logits"][:10], logits.detach())
+    with torch.no_grad():  # recomputed from the stored raw images
+        again = m.net(m.engine.test_tf(buf.images[:10]))
+    assert torch.allclose(buf.extras["logits"][:10], again, atol=1e-5)
+    assert buf.extras["logit_cols"][:10].tolist() == [task.size] * 10
+
+
+def test_logit_replay_is_zero_for_an_unchanged_model_and_not_otherwise():
+    m = make_method()
+    task = m.scenario.tasks[0]
+    m.begin_task(task)
+    m.eval_mode()
+    with torch.no_grad():
+        m.step(batch_of(m, task, torch.arange(30)))
+        assert float(m.logit_replay_loss()) < 1e-10
+        m.net.head.fc.bias.add_(0.5)  # the model moved: its logits drift away from the stored ones
+        assert float(m.logit_replay_loss()) == pytest.approx(0.25, rel=1e-4)
+
+
+def test_stored_logits_compare_only_their_own_columns():
+    stored = torch.tensor([[1.0, 2.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])  # row 0 was stored with 2 classes
+    cols = torch.tensor([2, 4])
+    now = torch.tensor([[2.0, 2.0, 9.0, 9.0, 5.0], [1.0, 1.0, 1.0, 3.0, 5.0]])  # the head grew to 5
+    # squared errors over stored entries: row 0: 1, 0; row 1: 0, 0, 0, 4 -> 5 / 6
+    assert float(stored_logits_mse(now, stored, cols)) == pytest.approx(5 / 6)
+
+
+def test_replay_terms_enter_the_loss_with_their_weights(monkeypatch):
+    m = make_method(alpha=0.3, beta=0.7)
+    task = m.scenario.tasks[0]
+    m.begin_task(task)
+    m.eval_mode()
+    b = batch_of(m, task, torch.arange(8))
+    monkeypatch.setattr(m, "logit_replay_loss", lambda: torch.tensor(2.0))
+    monkeypatch.setattr(m, "label_replay_loss", lambda: torch.tensor(10.0))
+    plain, _, _ = m.step(b)  # the buffer was empty: cross-entropy only
+    with_replay, _, _ = m.step(b)
+    assert float((with_replay - plain).detach()) == pytest.approx(0.3 * 2.0 + 0.7 * 10.0, rel=1e-4)
+
+
+def test_buffer_is_in_the_checkpoint_and_the_memory_accounting():
+    m = make_method()
+    for task in m.scenario.tasks[:2]:
+        run_task(m, task)
+    buf = m.buffer
+    assert len(buf) == 40 and buf.seen == 12 * 7  # 4 + 3 classes x 12 images, one epoch
+    widths = set(buf.extras["logit_cols"].tolist())
+    assert widths <= {4, 7} and buf.extras["logits"].shape[1] == 7
+    assert m.memory_stats() == (40, 40 * (1 * 8 * 8 + 7 * 4 + 8))  # uint8 image + 7 float logits + width
+    assert m.memory_budget(7) == 40
+
+    fresh = make_method(seed=7)
+    fresh.load_state_dict(m.state_dict())
+    assert fresh.buffer.seen == buf.seen and fresh.memory_stats() == m.memory_stats()
+    assert torch.equal(fresh.buffer.images, buf.images) and torch.equal(fresh.buffer.labels, buf.labels)
+    for k in ("logits", "logit_cols"):
+        assert torch.equal(fresh.buffer.extras[k], buf.extras[k])
+    m.eval_mode()
+    fresh.eval_mode()
+    x = m.engine.test_tf(m.scenario.test.get(torch.arange(20)))
+    assert torch.equal(m.predict(x)["logits"], fresh.predict(x)["logits"])
+
+
+def test_config_checks():
+    with pytest.raises(UserError, match="memory_per_class"):
+        make_method(memory_per_class=5)
+    with pytest.raises(UserError, match="memory_size"):
+        make_method(memory_size=0)
+
+
+@pytest.mark.slow
+def test_end_to_end_cli(tmp_path):
+    out = tmp_path / "derpp"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "dynammo", "run", "--out", str(out), "method=der++",
+                           "dataset=digits", "backbone=resnet20", "img_size=8", "init_cls=4", "increment=3",
+                           "epochs=1", "max_train_per_class=12", "memory_size=30", "batch_size=16",
+                           "progress=false", "plots=false", "tensorboard=false"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    r = json.loads((out / "results.json").read_text())
+    assert r["status"] == "complete" and r["method"] == "der_pp"
+    assert len(r["acc"]) == 3 and r["avg_acc"] is not None and r["forgetting"] is not None
+    assert [c["memory_exemplars"] for c in r["cost"]] == [30, 30, 30]
+    # the stored logits widen with the head: 4, 7, 10 columns of float32 beside each 64-byte image
+    assert [c["memory_bytes"] for c in r["cost"]] == [30 * (64 + 4 * n + 8) for n in (4, 7, 10)]
+    state = torch.load(out / "checkpoints" / "task_2.pt", map_location="cpu", weights_only=False)
+    assert state["state"]["memory"]["extras"]["logits"].shape == (30, 10)
+    assert state["config"]["alpha"] == 0.1 and state["config"]["beta"] == 0.5

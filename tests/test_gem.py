@@ -1,0 +1,217 @@
+"""GEM: the gradient projection (quadratic program), the before_step hook, the per-task memory,
+reloading, and an end-to-end run of the `dynammo` command."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dynammo.config import build_config
+from dynammo.console import Console
+from dynammo.data import load_data
+from dynammo.data.scenario import Scenario
+from dynammo.data.transforms import make_transforms
+from dynammo.engine import Batch, Engine
+from dynammo.errors import UserError
+from dynammo.methods import METHODS
+from dynammo.methods.gem import flat_grad, project_to_cone
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(dataset="digits", backbone="resnet20", img_size=8, init_cls=4, increment=3, epochs=1, batch_size=16,
+            max_train_per_class=12, memory_size=30, seed=0, progress="false", augment=False)
+
+
+def make_method(**kw):
+    cfg = build_config({"method": "gem", **TINY, **kw})
+    data = load_data(cfg, cfg.seed)
+    scenario = Scenario.from_config(data, cfg, cfg.seed)
+    METHODS.get("gem").check_config(cfg, data.num_classes)
+    engine = Engine(cfg, Console(progress="false", quiet=True), torch.device("cpu"), cfg.seed)
+    engine.set_transforms(*make_transforms(data, cfg.augment))
+    torch.manual_seed(cfg.seed)
+    return METHODS.get("gem")(cfg, engine, scenario)
+
+
+def run_task(method, task) -> None:
+    method.begin_task(task)
+    method.train_task(task)
+    method.end_task(task)
+
+
+# ---------------------------------------------------------------- the quadratic program
+
+
+def test_projection_matches_hand_solved_2d_cases():
+    g, old = torch.tensor([1.0, -0.2], dtype=torch.float64), torch.tensor([[0.0, 1.0]], dtype=torch.float64)
+    # margin 0: the Euclidean projection onto <x, (0, 1)> >= 0 is (1, 0) (dual v = 0.2)
+    assert torch.allclose(project_to_cone(g, old, margin=0.0), torch.tensor([1.0, 0.0], dtype=torch.float64),
+                          atol=1e-8)
+    # margin 0.5: v = max(0.2, 0.5) = 0.5, so g~ = g + 0.5 * (0, 1) = (1, 0.3)
+    assert torch.allclose(project_to_cone(g, old, margin=0.5), torch.tensor([1.0, 0.3], dtype=torch.float64),
+                          atol=1e-8)
+    # two active constraints: (-1, -1) against both axes projects to the origin (v = (1, 1))
+    both = project_to_cone(torch.tensor([-1.0, -1.0], dtype=torch.float64), torch.eye(2, dtype=torch.float64))
+    assert torch.allclose(both, torch.zeros(2, dtype=torch.float64), atol=1e-8)
+
+
+def test_projected_gradient_never_raises_an_old_task_loss():
+    g_ = torch.Generator().manual_seed(0)
+    checked = 0
+    for trial in range(40):
+        t = 1 + trial % 5
+        old = torch.randn(t, 30, generator=g_, dtype=torch.float64)
+        g = torch.randn(30, generator=g_, dtype=torch.float64)
+        if not bool((old @ g < 0).any()):
+            continue
+        checked += 1
+        for margin in (0.0, 0.5):
+            proj = project_to_cone(g, old, margin)
+            assert (old @ proj >= -1e-6).all(), (trial, margin, old @ proj)
+        if t == 1:  # one constraint, margin 0: the closed form g - <g, a> / |a|^2 a
+            a = old[0]
+            assert torch.allclose(project_to_cone(g, old, 0.0), g - (g @ a) / (a @ a) * a, atol=1e-8)
+    assert checked >= 20
+
+
+def test_dependent_old_gradients_still_solve():
+    a = torch.tensor([1.0, 2.0, 0.0], dtype=torch.float64)
+    old = torch.stack([a, 2 * a])  # G G^T is singular: the ridge makes the QP solvable
+    proj = project_to_cone(torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64), old, 0.0)
+    assert (old @ proj >= -1e-6).all()
+
+
+# ---------------------------------------------------------------- the before_step hook
+
+
+def _method_in_task_1():
+    m = make_method()
+    run_task(m, m.scenario.tasks[0])
+    task = m.scenario.tasks[1]
+    m.begin_task(task)
+    m.current = task
+    m.old_memories = m.load_old_memories(task)
+    m.train_mode()
+    return m, [p for p in m.net.parameters() if p.requires_grad]
+
+
+def test_hook_keeps_a_harmless_gradient_and_projects_a_harmful_one(monkeypatch):
+    m, params = _method_in_task_1()
+    n = sum(p.numel() for p in params)
+    g_old = torch.zeros(n)
+    g_old[:5] = 1.0
+    monkeypatch.setattr(m, "memory_gradient", lambda *a: g_old.clone())
+    for p in params:  # <g, g_old> = 5 > 0: nothing to project
+        p.grad = torch.ones_like(p)
+    m.project(params)
+    assert torch.equal(flat_grad(params), torch.ones(n))
+    for p in params:  # <g, g_old> = -5 < 0: projected, then no longer harmful
+        p.grad = -torch.ones_like(p)
+    m.project(params)
+    after = flat_grad(params)
+    assert not torch.equal(after, -torch.ones(n))
+    assert float(after @ g_old) >= -1e-6
+    assert torch.equal(after[5:], -torch.ones(n - 5))  # only the constrained directions change
+
+
+def test_hook_on_real_gradients_of_the_network():
+    m, params = _method_in_task_1()
+    data = m.scenario.train_data(m.current)
+    idx = torch.arange(16)
+    raw = data.get(idx)
+    batch = Batch(m.engine.train_tf(raw), data.labels[idx], raw, idx)
+    loss, _, _ = m.step(batch)
+    loss.backward()
+    g = flat_grad(params)
+    (raw_mem, y_mem, old_task), = m.old_memories
+    g_old = m.memory_gradient(params, raw_mem, y_mem, old_task)
+    assert float(g @ g_old) < 0  # learning the new classes would raise the old task's loss ...
+    for p, v in zip(params, torch.split(g, [p.numel() for p in params])):
+        p.grad = v.view_as(p).clone()
+    m.project(params)
+    proj = flat_grad(params)
+    assert float(proj @ g_old) >= -1e-5 * float(g.norm() * g_old.norm())  # ... the projection does not
+    assert not torch.equal(proj, g)
+
+
+# ---------------------------------------------------------------- memory, options, reload
+
+
+def test_memory_is_split_over_the_tasks_seen():
+    m = make_method()
+    t0, t1 = m.scenario.tasks[:2]
+    run_task(m, t0)
+    first = {c: m.memory.per_class[c].images.clone() for c in t0.classes}
+    assert {c: len(m.memory.per_class[c]) for c in t0.classes} == {c: 30 // 4 for c in t0.classes}
+    run_task(m, t1)
+    # 30 // 2 = 15 per task: 15 // 4 = 3 per class of task 0, 15 // 3 = 5 per class of task 1
+    assert {c: len(s) for c, s in m.memory.per_class.items()} == {**{c: 3 for c in t0.classes},
+                                                                  **{c: 5 for c in t1.classes}}
+    for c in t0.classes:  # older tasks are truncated in selection order
+        assert torch.equal(m.memory.per_class[c].images, first[c][:3])
+    assert [m.memory_budget(n) for n in (4, 7, 10)] == [28, 27, 26]  # what `dynammo cost` reports
+
+
+def test_config_checks(monkeypatch):
+    with pytest.raises(UserError, match="memory_size=10 split over 3 tasks"):
+        make_method(memory_size=10)
+    make_method(memory_size=10, memory_per_class=2)
+    with pytest.raises(UserError, match="gem_loss_scope"):
+        make_method(gem_loss_scope="all")
+    monkeypatch.setitem(sys.modules, "quadprog", None)  # as if it were not installed
+    with pytest.raises(UserError, match="pip install quadprog"):
+        make_method()
+
+
+def test_task_scope_restricts_losses_to_the_task_classes():
+    m = make_method(gem_loss_scope="task")
+    m.grow(m.scenario.tasks[0])
+    task = m.scenario.tasks[1]
+    m.begin_task(task)
+    x = torch.randn(4, 3, 8, 8)
+    y = torch.tensor([4, 5, 6, 4])
+    loss, logits = m.loss_on(x, y, task)
+    expected = torch.nn.functional.cross_entropy(logits[:, 4:7], y - 4)
+    assert torch.allclose(loss, expected)
+
+
+def test_reload_gives_identical_predictions():
+    m = make_method()
+    for task in m.scenario.tasks[:2]:
+        run_task(m, task)
+    fresh = make_method(seed=5)
+    fresh.load_state_dict(m.state_dict())
+    m.eval_mode()
+    fresh.eval_mode()
+    x = m.engine.test_tf(m.scenario.test.get(torch.arange(20)))
+    assert torch.equal(m.predict(x)["logits"], fresh.predict(x)["logits"])
+    assert {c: s.images.tolist() for c, s in fresh.memory.per_class.items()} == \
+        {c: s.images.tolist() for c, s in m.memory.per_class.items()}
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_end_to_end_cli(tmp_path):
+    out = tmp_path / "gem"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "dynammo", "run", "--out", str(out), "method=gem_il",
+                           "dataset=digits", "backbone=resnet20", "img_size=8", "init_cls=4", "increment=3",
+                           "epochs=1", "max_train_per_class=12", "memory_size=30", "batch_size=16",
+                           "gem_mem_batch=8", "progress=false", "plots=false", "tensorboard=false"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    r = json.loads((out / "results.json").read_text())
+    assert r["status"] == "complete" and r["method"] == "gem"
+    assert len(r["acc"]) == 3 and r["avg_acc"] is not None and r["forgetting"] is not None
+    assert [c["memory_exemplars"] for c in r["cost"]] == [28, 27, 26]  # 30 split over 1, 2, 3 tasks
+    assert all(c["memory_bytes"] > 0 and c["params_trainable"] == c["params_total"] for c in r["cost"])
+    state = torch.load(out / "checkpoints" / "task_2.pt", map_location="cpu", weights_only=False)
+    cfg = build_config({k: v for k, v in state["config"].items()})
+    assert cfg.gem_margin == 0.5 and cfg.gem_loss_scope == "seen" and cfg.gem_mem_batch == 8
