@@ -69,7 +69,7 @@ def load_checkpoint(path) -> dict:
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
         raise UserError(f"checkpoint {path} is damaged or not a dynammo checkpoint ({exc.__class__.__name__}); "
                         "use an earlier task's checkpoint") from exc
-    if not isinstance(state, dict) or "state" not in state or "method" not in state:
+    if not isinstance(state, dict) or "method" not in state or not ("state" in state or "journal" in state):
         raise UserError(f"{path} is not a dynammo checkpoint (no method state in it)")
     return state
 

@@ -1,4 +1,4 @@
-"""The `dynammo` command: run, list, cost, export, predict (eval and resume come with their issue)."""
+"""The `dynammo` command: run, resume, eval, list, cost, export, predict."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from dynammo.errors import UserError
+from dynammo.errors import RunInterrupted, UserError
 
 
 def _cmd_run(args) -> int:
@@ -32,6 +32,42 @@ def start_run(cfg, notices, out) -> int:
         console.print(n)
     run_experiment(cfg, Path(out) if out else None, console)
     return 0
+
+
+def _cmd_resume(args) -> int:
+    from dynammo.console import Console
+    from dynammo.runner import resume_run
+
+    resume_run(args.run_dir, Console(progress="auto"), args.device)
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from dynammo.console import Console
+    from dynammo.runner import evaluate_checkpoint
+
+    print_evaluation(evaluate_checkpoint(args.run_dir, args.task, Console(progress="false", quiet=True), args.device),
+                     args.json)
+    return 0
+
+
+def print_evaluation(res: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(res, indent=2))
+        return
+    print(f"checkpoint {res['checkpoint']}: after task {res['task']}, {res['classes']} classes seen")
+    line = f"accuracy {res['acc']:.2f}  mean class recall {res['mcr']:.2f}"
+    if res["task_il_acc"] is not None:
+        line += f"  task-IL {res['task_il_acc']:.2f}"
+    if res["task_id_acc"] is not None:
+        line += f"  task-id {res['task_id_acc']:.2f}"
+    for name, acc in res["extra"].items():
+        line += f"  {name} {acc:.2f}"
+    print(line)
+    print("accuracy per task: " + "  ".join(f"T{i + 1} {a:.2f}" for i, a in enumerate(res["acc_per_task"])))
+    if res.get("recorded_acc") is not None:
+        same = abs(res["recorded_acc"] - res["acc"]) < 1e-6
+        print(f"results.json recorded {res['recorded_acc']:.2f}: {'identical' if same else 'DIFFERENT'}")
 
 
 def _cmd_cost(args) -> int:
@@ -118,6 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: auto)")
     run.add_argument("overrides", nargs="*", help="key=value overrides of config keys")
     run.set_defaults(func=_cmd_run)
+    resume = sub.add_parser("resume", help="continue an interrupted run from its last checkpoint")
+    resume.add_argument("run_dir", help="the run directory of the interrupted run")
+    resume.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the run's)")
+    resume.set_defaults(func=_cmd_resume)
+    evaluate = sub.add_parser("eval", help="recompute a run's metrics from a checkpoint")
+    evaluate.add_argument("run_dir", help="a run directory written by `dynammo run`")
+    evaluate.add_argument("--task", type=int, help="the checkpoint after this task (1-based; default: the last)")
+    evaluate.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the run's)")
+    evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    evaluate.set_defaults(func=_cmd_eval)
     cost = sub.add_parser("cost", help="inference GFLOPs, parameters and memory per task count, without training")
     cost.add_argument("-c", "--config", help="YAML config (default: the embedded default)")
     cost.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: auto)")
@@ -150,6 +196,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         return args.func(args)
+    except RunInterrupted as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return exc.exit_code
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -183,6 +183,8 @@ OPTIONS: Dict[str, Option] = {
                         choices=("dataset", "imagenet", "none")),
     "in_memory": Option("auto_bool", "auto", "hold decoded images in memory: auto | true | false"),
     "save_checkpoints": Option("bool", True, "write a checkpoint after every task"),
+    "checkpoint_every": Option("int", 0, "also write a checkpoint inside a task every N epochs of each stage "
+                                          "(0: only after each task and on SIGINT/SIGTERM)", min=0),
     "tensorboard": Option("bool", True, "write TensorBoard scalars to tb/"),
     "plots": Option("bool", True, "write plots/ after the run"),
     "progress": Option("auto_bool", "auto", "progress bars: auto (when a terminal) | true | false"),

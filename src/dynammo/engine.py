@@ -14,9 +14,10 @@ import torch.nn as nn
 
 from dynammo.console import Console
 from dynammo.data.imageset import ImageSet
-from dynammo.data.loader import iterate_batches, num_batches
+from dynammo.data.loader import epoch_order, iterate_batches, num_batches
 from dynammo.data.transforms import BatchTransform
-from dynammo.errors import UserError
+from dynammo.errors import RunInterrupted, UserError
+from dynammo.journal import FitJournal
 
 
 def seed_everything(seed: int) -> None:
@@ -119,6 +120,12 @@ class Engine:
         self.last_optimizer_state: Optional[dict] = None
         self._tb_step: Dict[str, int] = {}
         self.amp = bool(cfg.get("amp", False))
+        # resumption (set by the runner): the task's fit journal, a writer of partial checkpoints,
+        # and the flag a SIGINT/SIGTERM handler raises to stop at the next batch boundary
+        self.journal: Optional[FitJournal] = None
+        self.save_partial: Optional[Callable[[dict], None]] = None
+        self.stop_requested: Optional[str] = None
+        self.checkpoint_every = int(cfg.get("checkpoint_every", 0) or 0)
 
     def set_transforms(self, train_tf: BatchTransform, test_tf: BatchTransform) -> None:
         self.train_tf, self.test_tf = train_tf, test_tf
@@ -143,22 +150,66 @@ class Engine:
             raise UserError(f"stage {stage} of {self.task_label} has no training images; check the split and memory settings")
         for p in params:
             self.trained_params[id(p)] = p.numel()
+        journal = self.journal
+        index = journal.index if journal else 0
+        if journal:
+            journal.index += 1
+            if index < len(journal.replay):  # finished before the interruption: restore its end state
+                entry = journal.replay[index]
+                journal.apply(entry["end"], params, self.generator)
+                journal.finished.append(entry)
+                self.last_optimizer_state = entry["optimizer"]
+                self.console.print(f"{self.task_label} {stage}: restored from the interrupted run")
+                return entry["stats"]
         opt = settings.optimizer(params)
         sched = settings.schedule(opt)
         scaler = torch.amp.GradScaler("cuda") if (self.amp and self.device.type == "cuda") else None
         tf = self.train_tf if augment else self.test_tf
         n_batches = num_batches(len(data), settings.batch_size)
-        stats = {}
-        for epoch in range(settings.epochs):
+        stats: dict = {}
+        start_epoch, resume = 0, None
+        if journal and journal.resume_current is not None and journal.resume_current["index"] == index:
+            resume, journal.resume_current = journal.resume_current, None
+            journal.apply(resume["snap"], params, self.generator)
+            opt.load_state_dict(resume["optimizer"])
+            if sched is not None:
+                sched.load_state_dict(resume["scheduler"])
+            if scaler is not None and resume.get("scaler"):
+                scaler.load_state_dict(resume["scaler"])
+            start_epoch, stats = resume["epoch"], resume["stats"]
+            self.console.print(f"{self.task_label} {stage}: resuming at epoch {start_epoch + 1} batch {resume['batch'] + 1}")
+
+        def save_point(epoch: int, batch: int, order, sums) -> None:
+            """A partial checkpoint: this fit at (epoch, batch), the finished fits of the task before it."""
+            if journal is None or self.save_partial is None:
+                return
+            current = {"index": index, "epoch": epoch, "batch": batch, "order": order, "sums": sums,
+                       "snap": journal.snapshot(params, self.generator), "optimizer": opt.state_dict(),
+                       "scheduler": sched.state_dict() if sched is not None else None,
+                       "scaler": scaler.state_dict() if scaler is not None else None, "stats": stats}
+            self.save_partial(journal.state(current))
+
+        for epoch in range(start_epoch, settings.epochs):
             t0 = time.perf_counter()
             loss_sum = torch.zeros((), device=self.device)
             correct = torch.zeros((), device=self.device, dtype=torch.long)
             seen = 0
             counted = 0
+            first = 0
+            if resume is not None and resume["batch"] > 0:  # the interrupted epoch: same order, next batch
+                order, first = resume["order"], resume["batch"]
+                loss_sum += resume["sums"][0]
+                correct += resume["sums"][1]
+                seen, counted = resume["sums"][2], resume["sums"][3]
+            else:
+                order = epoch_order(len(data), True, self.generator)
+            resume = None
             bar = self.console.bar(n_batches, f"{self.task_label} {stage} epoch {epoch + 1}/{settings.epochs}")
-            for i, (raw, y, idx) in enumerate(iterate_batches(data, settings.batch_size, shuffle=True,
-                                                               generator=self.generator,
-                                                               num_workers=self.cfg.num_workers)):
+            if bar is not None and first:
+                bar.update(first)
+            batches = iterate_batches(data, settings.batch_size, order=order, start_batch=first,
+                                      num_workers=self.cfg.num_workers)
+            for i, (raw, y, idx) in enumerate(batches, start=first):
                 raw = raw.to(self.device, non_blocking=True)
                 y = y.to(self.device, non_blocking=True)
                 batch = Batch(tf(raw, self.generator), y, raw, idx)
@@ -189,6 +240,11 @@ class Engine:
                     if i % 10 == 0:
                         bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}",
                                         acc=f"{100 * correct.item() / max(counted, 1):.1f}")
+                if self.stop_requested and i + 1 < n_batches:
+                    if bar is not None:
+                        bar.close()
+                    save_point(epoch, i + 1, order, (loss_sum.cpu(), correct.cpu(), seen, counted))
+                    raise RunInterrupted(f"{self.stop_requested} in {self.task_label} {stage} epoch {epoch + 1}")
             if bar is not None:
                 bar.close()
             lr = opt.param_groups[0]["lr"]
@@ -206,7 +262,15 @@ class Engine:
             self._tb_scalar(f"train/{stage}/loss", mean_loss)
             if acc is not None:
                 self._tb_scalar(f"train/{stage}/acc", acc)
+            more = epoch + 1 < settings.epochs
+            if more and (self.stop_requested or (self.checkpoint_every and (epoch + 1) % self.checkpoint_every == 0)):
+                save_point(epoch + 1, 0, None, None)
+                if self.stop_requested:
+                    raise RunInterrupted(f"{self.stop_requested} in {self.task_label} {stage} after epoch {epoch + 1}")
         self.last_optimizer_state = opt.state_dict()
+        if journal:
+            journal.finished.append({"end": journal.snapshot(params, self.generator), "stats": stats,
+                                     "optimizer": self.last_optimizer_state})
         return stats
 
     def _tb_scalar(self, tag: str, value: float) -> None:

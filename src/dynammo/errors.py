@@ -8,3 +8,9 @@ class UserError(Exception):
     """
 
     exit_code = 2
+
+
+class RunInterrupted(UserError):
+    """SIGINT/SIGTERM during a run: the state was saved; `dynammo resume RUN_DIR` continues it."""
+
+    exit_code = 130

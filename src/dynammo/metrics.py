@@ -98,6 +98,17 @@ class ContinualMetrics:
             self.extra.setdefault(name, []).append(accuracy(y_true, pred))
         self.last_confusion = confusion_matrix(y_true, y_pred, seen_end)
 
+    def state_dict(self) -> dict:
+        return {"acc_matrix": self.acc_matrix, "acc": self.acc, "mcr": self.mcr, "task_il_acc": self.task_il_acc,
+                "extra": self.extra,
+                "last_confusion": None if self.last_confusion is None else self.last_confusion.tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.acc_matrix, self.acc, self.mcr = state["acc_matrix"], state["acc"], state["mcr"]
+        self.task_il_acc, self.extra = state["task_il_acc"], state["extra"]
+        conf = state["last_confusion"]
+        self.last_confusion = None if conf is None else np.asarray(conf, dtype=np.int64)
+
     def summary(self) -> dict:
         out = {
             "acc_matrix": self.acc_matrix,

@@ -25,7 +25,7 @@ def versions() -> dict:
     import torch
     import torchvision
 
-    return {"dynammo": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+    return {"dynammo": __version__, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
             "numpy": np.__version__, "python": platform.python_version()}
 
 
@@ -38,12 +38,15 @@ def check_run_dir(run_dir: Path) -> None:
 
 
 class RunWriter:
-    def __init__(self, run_dir: Path, cfg, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, cfg, tensorboard: bool = True, resume: bool = False):
+        """resume: continue writing the run directory of an interrupted run (its config is kept)."""
         self.dir = Path(run_dir)
-        check_run_dir(self.dir)
+        if not resume:
+            check_run_dir(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "checkpoints").mkdir(exist_ok=True)
-        write_text_atomic(self.dir / "config.yaml", yaml.safe_dump(dict(cfg), sort_keys=False))
+        if not resume:
+            write_text_atomic(self.dir / "config.yaml", yaml.safe_dump(dict(cfg), sort_keys=False))
         self.rows: List[dict] = []
         self.tb = None
         if tensorboard:
@@ -57,23 +60,33 @@ class RunWriter:
     def write_results(self, results: dict) -> None:
         write_json_atomic(self.dir / "results.json", results)
 
-    def add_row(self, row: dict) -> None:
-        self.rows.append(row)
+    def write_rows(self, rows: List[dict]) -> None:
+        """metrics.csv with one row per finished task; TensorBoard gets the newest row."""
+        new = rows[len(self.rows):]
+        self.rows = list(rows)
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(self.rows)
         write_text_atomic(self.dir / "metrics.csv", buf.getvalue())
         if self.tb is not None:
-            for key in ("acc", "mcr", "task_il_acc", "inference_gflops", "memory_exemplars"):
-                if row.get(key) is not None:
-                    self.tb.add_scalar(f"eval/{key}", row[key], row["task"])
+            for row in new:
+                for key in ("acc", "mcr", "task_il_acc", "inference_gflops", "memory_exemplars"):
+                    if row.get(key) is not None:
+                        self.tb.add_scalar(f"eval/{key}", row[key], row["task"])
             self.tb.flush()
 
     def save_checkpoint(self, task_id: int, state: dict) -> Path:
         path = self.dir / "checkpoints" / f"task_{task_id}.pt"
         save_torch_atomic(path, state)
         return path
+
+    def save_partial(self, state: dict) -> None:
+        """The state inside a task (every checkpoint_every epochs, and on SIGINT/SIGTERM)."""
+        save_torch_atomic(self.dir / "checkpoints" / "partial.pt", state)
+
+    def remove_partial(self) -> None:
+        (self.dir / "checkpoints" / "partial.pt").unlink(missing_ok=True)
 
     def close(self) -> None:
         if self.tb is not None:

@@ -1,7 +1,11 @@
 """One experiment: config -> data/scenario -> method -> engine -> metrics -> run directory."""
 from __future__ import annotations
 
+import json
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import List, Optional
@@ -16,7 +20,8 @@ from dynammo.data import load_data
 from dynammo.data.scenario import Scenario
 from dynammo.data.transforms import make_transforms
 from dynammo.engine import Engine, resolve_device, seed_everything
-from dynammo.errors import UserError
+from dynammo.errors import RunInterrupted, UserError
+from dynammo.journal import FitJournal, rng_state, set_rng_state
 from dynammo.metrics import ContinualMetrics, accuracy, task_il_predictions
 from dynammo.methods import METHODS
 from dynammo.report import RunWriter, check_run_dir, format_table, make_plots, versions
@@ -80,10 +85,133 @@ def run_single(cfg: Config, run_dir: Path, console: Console) -> dict:
     check_run_dir(run_dir)
     data, scenario, engine, method = prepare(cfg, console)
     writer = RunWriter(run_dir, cfg, tensorboard=cfg.tensorboard)
-    engine.tb = writer.tb
+    return _run(cfg, data, scenario, engine, method, writer, console, Progress.fresh(cfg, data, scenario))
+
+
+def resume_run(run_dir, console: Console, device: Optional[str] = None) -> dict:
+    """Continue an interrupted run from its last checkpoint (and its partial checkpoint inside the
+    next task, if any); the result equals an uninterrupted run's (bit-for-bit on CPU)."""
+    from dynammo.checkpoints import available_checkpoints, load_checkpoint, read_run_config
+
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
+    if device:
+        cfg["device"] = device
+    results_file = run_dir / "results.json"
+    if results_file.is_file() and json.loads(results_file.read_text()).get("status") == "complete":
+        raise UserError(f"the run in {run_dir} is complete; nothing to resume (evaluate it with `dynammo eval {run_dir}`)")
+    data, scenario, engine, method = prepare(cfg, console)
+    progress = Progress.fresh(cfg, data, scenario)
+    found = available_checkpoints(run_dir)
+    if found:
+        ckpt = load_checkpoint(found[max(found)])
+        check_same_run(ckpt, cfg, data, scenario, found[max(found)])
+        method.load_state_dict(ckpt["state"])
+        progress = Progress.restore(ckpt)
+        set_rng_state(ckpt["rng"], engine.generator)
+    for stale in (run_dir / "checkpoints").glob(".*.tmp"):  # a write cut short by a kill
+        stale.unlink()
+    partial_file = run_dir / "checkpoints" / PARTIAL
+    partial = None
+    if partial_file.is_file():
+        partial = load_checkpoint(partial_file)
+        check_same_run(partial, cfg, data, scenario, partial_file)
+        if partial["task"] != progress.next_task:  # older than the last task checkpoint
+            partial = None
+    if progress.next_task >= len(scenario) and partial is None:
+        raise UserError(f"every task of {run_dir} has a checkpoint; the run only missed its final write: "
+                        f"evaluate it with `dynammo eval {run_dir}`")
+    writer = RunWriter(run_dir, cfg, tensorboard=cfg.tensorboard, resume=True)
+    writer.rows = list(progress.rows)
+    where = f"task {progress.next_task + 1}" + (" (mid-task)" if partial else "")
     console.attach(run_dir / "log.txt")
+    console.print(f"resuming {run_dir} at {where}")
+    console.detach()
+    return _run(cfg, data, scenario, engine, method, writer, console, progress, partial)
+
+
+def check_same_run(ckpt: dict, cfg, data, scenario, path) -> None:
+    """Refuse a checkpoint of another method, dataset or class order than the run's config."""
+    ds_name = "+".join(data.names)
+    for what, theirs, ours in (("method", ckpt.get("method"), cfg.method), ("dataset", ckpt.get("dataset"), ds_name),
+                               ("class order", ckpt.get("class_order"), scenario.class_order)):
+        if theirs != ours:
+            raise UserError(f"checkpoint {path} is of {what} {theirs} but the run's config gives {ours}; "
+                            "it belongs to another run")
+
+
+PARTIAL = "partial.pt"
+
+
+class Progress:
+    """What a run has produced so far: metrics, results.json content, metrics.csv rows."""
+
+    def __init__(self, metrics: ContinualMetrics, results: dict, rows: list, next_task: int):
+        self.metrics, self.results, self.rows, self.next_task = metrics, results, rows, next_task
+
+    @classmethod
+    def fresh(cls, cfg, data, scenario) -> "Progress":
+        results = {
+            "method": cfg.method, "dataset": "+".join(data.names), "backbone": cfg.backbone, "seed": cfg.seed,
+            "class_order": scenario.class_order, "tasks": scenario.classes_of_tasks(),
+            "class_names": scenario.class_names, "cost": [], "versions": versions(), "status": "running",
+        }
+        return cls(ContinualMetrics([(t.start, t.end) for t in scenario.tasks]), results, [], 0)
+
+    @classmethod
+    def restore(cls, ckpt: dict) -> "Progress":
+        metrics = ContinualMetrics([tuple(b) for b in ckpt["progress"]["bounds"]])
+        metrics.load_state_dict(ckpt["progress"]["metrics"])
+        return cls(metrics, ckpt["progress"]["results"], ckpt["progress"]["rows"], ckpt["task"] + 1)
+
+    def state_dict(self) -> dict:
+        return {"bounds": [list(b) for b in self.metrics.bounds], "metrics": self.metrics.state_dict(),
+                "results": self.results, "rows": self.rows}
+
+
+@contextmanager
+def stop_on_signals(engine: Engine, console: Console):
+    """SIGINT/SIGTERM ask the engine to save and stop at the next batch; a second one stops at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        name = signal.Signals(signum).name
+        if engine.stop_requested:
+            raise KeyboardInterrupt
+        engine.stop_requested = name
+        console.print(f"{name}: saving a checkpoint at the next batch, then stopping (send it again to stop at once)")
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return _train_all_tasks(cfg, cfg.seed, engine.device, method, engine, data, scenario, writer, console)
+        yield
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
+def _run(cfg, data, scenario, engine, method, writer, console, progress, partial=None) -> dict:
+    engine.tb = writer.tb
+    console.attach(writer.dir / "log.txt")
+    if cfg.save_checkpoints:
+        engine.journal = FitJournal(method.capture_training_state, method.restore_training_state)
+        ds_name = "+".join(data.names)
+
+        def save_partial(journal_state: dict) -> None:
+            writer.save_partial({"kind": "partial", "method": cfg.method, "dataset": ds_name,
+                                 "class_order": scenario.class_order, "task": progress.next_task,
+                                 "journal": journal_state, "config": dict(cfg)})
+
+        engine.save_partial = save_partial
+        if partial is not None:
+            engine.journal.load(partial["journal"])
+    try:
+        with stop_on_signals(engine, console):
+            return _train_all_tasks(cfg, method, engine, data, scenario, writer, console, progress)
+    except RunInterrupted as exc:
+        saved = "its state is saved" if cfg.save_checkpoints else "nothing was saved (save_checkpoints=false)"
+        raise RunInterrupted(f"{exc}; {saved}: continue with `dynammo resume {writer.dir}`") from None
     finally:
         writer.close()
         console.detach()
@@ -96,44 +224,77 @@ def scenario_record(data, scenario) -> dict:
             "input_shape": list(scenario.test.get(torch.tensor([0])).shape[1:])}  # (C, H, W) of uint8 inputs
 
 
-def _train_all_tasks(cfg, seed, device, method, engine, data, scenario, writer, console) -> dict:
+def evaluate(cfg, method, engine, scenario, task, metrics: ContinualMetrics) -> Optional[float]:
+    """Test the method on every class seen up to `task`; adds the row to `metrics`. Returns the
+    task-id accuracy of methods that infer the task (ACL, DynaMMo), else None."""
     bounds = [(t.start, t.end) for t in scenario.tasks]
-    metrics = ContinualMetrics(bounds)
+    method.eval_mode()
+    test = scenario.test_data_seen(task)
+    out = engine.apply(method.predict, test)
+    y = test.labels
+    logits = out["logits"]
+    pred = out["pred"].long() if "pred" in out else logits.argmax(1)
+    til_pred = None
+    if cfg.eval_task_il:
+        til_pred = task_il_predictions(out.get("task_il_logits", logits), y, bounds[: task.id + 1])
+    extra = {k[len("pred_"):]: v.long() for k, v in out.items() if k.startswith("pred_")}
+    metrics.add(task.id, y, pred, til_pred, extra)
+    if "task_id" in out:
+        return accuracy(scenario.task_of_label(y), out["task_id"].long())
+    return None
+
+
+def evaluate_checkpoint(run_dir, task: Optional[int], console: Console, device: Optional[str] = None) -> dict:
+    """Recompute the metrics after `task` (1-based; default: the last checkpoint) from its checkpoint."""
+    from dynammo.checkpoints import checkpoint_path, load_checkpoint, read_run_config
+
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
+    if device:
+        cfg["device"] = device
+    path = checkpoint_path(run_dir, task)
+    ckpt = load_checkpoint(path)
+    data, scenario, engine, method = prepare(cfg, console)
+    check_same_run(ckpt, cfg, data, scenario, path)
+    method.load_state_dict(ckpt["state"])
+    t = scenario.tasks[ckpt["task"]]
+    metrics = ContinualMetrics([(k.start, k.end) for k in scenario.tasks])
+    metrics.acc_matrix = [[None] * len(scenario)] * t.id  # rows of earlier tasks are not recomputed
+    task_id_acc = evaluate(cfg, method, engine, scenario, t, metrics)
+    out = {"task": t.id + 1, "classes": t.end, "acc": metrics.acc[-1], "mcr": metrics.mcr[-1],
+           "task_il_acc": metrics.task_il_acc[-1] if metrics.task_il_acc else None,
+           "acc_per_task": metrics.acc_matrix[-1][: t.id + 1], "task_id_acc": task_id_acc,
+           "extra": {k: v[-1] for k, v in metrics.extra.items()}, "checkpoint": str(path)}
+    results_file = run_dir / "results.json"
+    if results_file.is_file():
+        recorded = json.loads(results_file.read_text()).get("acc") or []
+        out["recorded_acc"] = recorded[t.id] if t.id < len(recorded) else None
+    return out
+
+
+def _train_all_tasks(cfg, method, engine, data, scenario, writer, console, progress: Progress) -> dict:
+    metrics, results = progress.metrics, progress.results
     ds_name = "+".join(data.names)
     console.print(f"{cfg.method} on {ds_name}: {data.num_classes} classes, {len(scenario)} tasks "
                   f"{[t.size for t in scenario.tasks]}, {len(scenario.train)} train / {len(scenario.test)} test images, "
-                  f"backbone {cfg.backbone}, device {device}, seed {seed}")
-    results = {
-        "method": cfg.method, "dataset": ds_name, "backbone": cfg.backbone, "seed": seed,
-        "class_order": scenario.class_order, "tasks": scenario.classes_of_tasks(),
-        "class_names": scenario.class_names, "cost": [], "versions": versions(), "status": "running",
-    }
-    example = engine.test_tf(scenario.test.get(torch.tensor([0])).to(device))
-    confusion = None
-    for task in scenario:
+                  f"backbone {cfg.backbone}, device {engine.device}, seed {cfg.seed}")
+    example = engine.test_tf(scenario.test.get(torch.tensor([0])).to(engine.device))
+    for task in scenario.tasks[progress.next_task:]:
         engine.task_label = f"task {task.id + 1}/{len(scenario)}"
         engine.trained_params = {}
+        if engine.journal is not None:
+            engine.journal.start_task()
         t0 = time.perf_counter()
         method.begin_task(task)
         method.train_task(task)
         method.end_task(task)
         train_seconds = time.perf_counter() - t0
+        if engine.journal is not None:
+            engine.journal.end_task()
 
-        method.eval_mode()
-        test = scenario.test_data_seen(task)
-        out = engine.apply(method.predict, test)
-        y = test.labels
-        logits = out["logits"]
-        pred = out["pred"].long() if "pred" in out else logits.argmax(1)
-        til_pred = None
-        if cfg.eval_task_il:
-            til_scores = out.get("task_il_logits", logits)
-            til_pred = task_il_predictions(til_scores, y, bounds[: task.id + 1])
-        extra = {k[len("pred_"):]: v.long() for k, v in out.items() if k.startswith("pred_")}
-        metrics.add(task.id, y, pred, til_pred, extra)
-        if "task_id" in out:  # methods that infer the task (ACL, DynaMMo): how often it is right
-            results.setdefault("task_id_acc", []).append(accuracy(scenario.task_of_label(y), out["task_id"].long()))
-        confusion = metrics.last_confusion
+        task_id_acc = evaluate(cfg, method, engine, scenario, task, metrics)
+        if task_id_acc is not None:
+            results.setdefault("task_id_acc", []).append(task_id_acc)
 
         n_ex, n_bytes = method.memory_stats()
         cost = {
@@ -144,26 +305,31 @@ def _train_all_tasks(cfg, seed, device, method, engine, data, scenario, writer, 
         }
         results["cost"].append(cost)
         results.update(metrics.summary())
-        writer.write_results(results)
-        writer.add_row({"task": task.id + 1, "classes": task.end, "acc": metrics.acc[-1], "mcr": metrics.mcr[-1],
-                        "task_il_acc": metrics.task_il_acc[-1] if metrics.task_il_acc else None,
-                        "avg_acc_so_far": float(np.mean(metrics.acc)), **cost})
-        if cfg.save_checkpoints:
+        progress.rows.append({"task": task.id + 1, "classes": task.end, "acc": metrics.acc[-1], "mcr": metrics.mcr[-1],
+                              "task_il_acc": metrics.task_il_acc[-1] if metrics.task_il_acc else None,
+                              "avg_acc_so_far": float(np.mean(metrics.acc)), **cost})
+        progress.next_task = task.id + 1
+        if cfg.save_checkpoints:  # before results.json: a results.json row always has its checkpoint
             writer.save_checkpoint(task.id, {
-                "method": cfg.method, "dataset": ds_name, "class_order": scenario.class_order, "task": task.id,
-                "scenario": scenario_record(data, scenario), "state": method.state_dict(),
-                "optimizer": engine.last_optimizer_state,
-                "rng": {"torch": torch.get_rng_state(), "engine": engine.generator.get_state()},
-                "metrics": metrics.summary(), "config": dict(cfg),
+                "kind": "task", "method": cfg.method, "dataset": ds_name, "class_order": scenario.class_order,
+                "task": task.id, "scenario": scenario_record(data, scenario), "state": method.state_dict(),
+                "optimizer": engine.last_optimizer_state, "rng": rng_state(engine.generator),
+                "progress": progress.state_dict(), "config": dict(cfg),
             })
+            writer.remove_partial()
+        writer.write_results(results)
+        writer.write_rows(progress.rows)
         til_txt = f", task-IL {metrics.task_il_acc[-1]:.2f}" if metrics.task_il_acc else ""
         if "task_id_acc" in results:
             til_txt += f", task-id {results['task_id_acc'][-1]:.2f}"
         console.print(f"{engine.task_label} done: accuracy on {task.end} seen classes {metrics.acc[-1]:.2f} "
                       f"(mcr {metrics.mcr[-1]:.2f}{til_txt}), {cost['inference_gflops']:.3f} GFLOPs/image, "
                       f"{n_ex} exemplars, {train_seconds:.1f}s")
+        if engine.stop_requested and task.id + 1 < len(scenario):
+            raise RunInterrupted(f"{engine.stop_requested} after {engine.task_label}")
 
     results["status"] = "complete"
+    confusion = metrics.last_confusion
     results["confusion"] = confusion.tolist() if confusion is not None else None
     writer.write_results(results)
     if cfg.plots:

@@ -21,21 +21,32 @@ class _FileDataset(Dataset):
         return self.images.decode(i), self.images.labels[i]
 
 
+def epoch_order(n: int, shuffle: bool, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    return torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+
+
 def iterate_batches(data: ImageSet, batch_size: int, shuffle: bool = False,
                     generator: Optional[torch.Generator] = None, num_workers: int = 0,
-                    drop_last: bool = False) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Yields (uint8 images, labels, indices into `data`)."""
+                    drop_last: bool = False, order: Optional[torch.Tensor] = None,
+                    start_batch: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yields (uint8 images, labels, indices into `data`). `order` (an epoch's sample order, drawn
+    here when not given) and `start_batch` let an interrupted epoch continue where it stopped."""
     n = len(data)
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    if order is None:
+        order = epoch_order(n, shuffle, generator)
     if drop_last and n > batch_size:
         order = order[: n - n % batch_size]
+    order = order[start_batch * batch_size:]
     if data.in_memory:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             yield data.images[idx], data.labels[idx], idx
         return
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-    loader = DataLoader(_FileDataset(data), batch_sampler=[b.tolist() for b in batches], num_workers=num_workers)
+    # its own generator: the worker seed must not be drawn from torch's global RNG, or the
+    # sequence a resumed run draws would differ from an uninterrupted one
+    loader = DataLoader(_FileDataset(data), batch_sampler=[b.tolist() for b in batches], num_workers=num_workers,
+                        generator=torch.Generator().manual_seed(0))
     for idx, (x, y) in zip(batches, loader):
         yield x, y, idx
 

@@ -18,6 +18,7 @@ Device, AMP, progress bars, metrics, checkpoints and cost accounting come from t
 """
 from __future__ import annotations
 
+import copy
 from typing import Dict, Optional
 
 import torch
@@ -129,6 +130,26 @@ class Method:
         return {"net": self.net.state_dict(), "known": self.known, "total": self.total,
                 "tasks_done": self.tasks_done, "extra": self.extra_state(),
                 "memory": self.memory.state_dict() if self.memory is not None else None}
+
+    # ---- inside a task (exact resumption, see journal.py) ----
+    def capture_training_state(self) -> dict:
+        """What training changes besides the trained parameters: the network's buffers (BatchNorm
+        statistics), the memory (DER++ fills it while training) and the extra state."""
+        return {"buffers": {k: v.detach().cpu().clone() for k, v in self.net.named_buffers()},
+                "extra": copy.deepcopy(self.extra_state()),
+                "memory": self.memory.state_dict() if self.memory is not None else None}
+
+    def restore_training_state(self, state: dict) -> None:
+        buffers = dict(self.net.named_buffers())
+        if set(buffers) != set(state["buffers"]):
+            raise UserError("the partial checkpoint does not match the network this version of the method builds; "
+                            "delete checkpoints/partial.pt to restart the interrupted task from its start")
+        with torch.no_grad():
+            for name, value in state["buffers"].items():
+                buffers[name].copy_(value.to(buffers[name].device))
+        self.load_extra_state(copy.deepcopy(state["extra"]))
+        if state["memory"] is not None and self.memory is not None:
+            self.memory.load_state_dict(state["memory"])
 
     def load_state_dict(self, state: dict) -> None:
         """Rebuild the structure of a checkpoint (one `grow` per trained task), then load it."""
