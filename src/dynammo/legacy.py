@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 from dynammo.config import build_config, read_yaml
@@ -44,11 +45,17 @@ def reference_device(value: str) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = argparse.ArgumentParser(description="dynammo with the reference framework's command line")
-    parser.add_argument("--config", required=True, help="YAML options file")
+    parser.add_argument("--config", help="YAML options file (to train)")
     parser.add_argument("--device", help="GPU index as in the reference ('0'), or cpu")
     parser.add_argument("--out", help="run directory")
+    parser.add_argument("--checkpoint_dir", help="evaluate the last checkpoint of this run directory (or of its "
+                                                 "checkpoints/ folder) instead of training")
     args = parser.parse_args(argv)
+    if not args.config and not args.checkpoint_dir:
+        parser.error("give --config to train or --checkpoint_dir to evaluate")
     try:
+        if args.checkpoint_dir:
+            return evaluate_dir(Path(args.checkpoint_dir), args.device)
         from dynammo.cli import start_run
 
         raw = flatten_reference_config(read_yaml(args.config))
@@ -59,3 +66,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+
+
+def evaluate_dir(path: Path, device: Optional[str]) -> int:
+    from dynammo.cli import print_evaluation
+    from dynammo.console import Console
+    from dynammo.runner import evaluate_checkpoint
+
+    run_dir = path.parent if path.name == "checkpoints" and not (path / "config.yaml").exists() else path
+    res = evaluate_checkpoint(run_dir, None, Console(progress="false", quiet=True),
+                              reference_device(device) if device is not None else None)
+    print_evaluation(res, as_json=False)
+    return 0

@@ -1,0 +1,263 @@
+"""Runs that survive: real `dynammo run` subprocesses killed (SIGKILL) or interrupted (SIGINT) in
+the middle of a task and resumed end where an uninterrupted run ends, bit for bit; every method
+resumes exactly; eval recomputes the recorded metrics; unsafe or foreign checkpoints are refused."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from dynammo.config import load_config
+from dynammo.console import Console
+from dynammo.engine import Engine
+from dynammo.errors import UserError
+from dynammo.methods import METHODS
+from dynammo.runner import resume_run, run_single
+from test_cli_e2e import ROOT, assert_user_error, run_cli
+
+# DynaMMo: several stages per task (backbone, adapters, heads), so a kill lands inside a multi-stage task
+DYN = ["method=dynammo", "dataset=digits", "backbone=resnet20", "img_size=8", "max_train_per_class=30",
+       "memory_size=20", "epochs=2", "epochs_finetune=3", "backbone_epochs=1", "init_cls=4", "increment=3",
+       "batch_size=8", "progress=false", "plots=false", "tensorboard=false"]
+
+
+def start(out, *extra):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "dynammo", "run", "--out", str(out), *DYN, *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+
+
+def wait_for_log(out, needle, proc, timeout=300):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        log = out / "log.txt"
+        if log.exists() and needle in log.read_text():
+            return
+        assert proc.poll() is None, f"the run ended before '{needle}': {proc.stderr.read()}"
+        time.sleep(0.02)
+    raise AssertionError(f"'{needle}' never appeared in {out}/log.txt")
+
+
+def accuracies(out):
+    r = json.loads((out / "results.json").read_text())
+    return r["status"], r["acc_matrix"], r["acc"], r.get("task_id_acc")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("resume") / "reference"
+    proc = start(out)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    return accuracies(out)
+
+
+def test_sigkill_mid_task_with_epoch_checkpoints_resumes_bit_for_bit(uninterrupted, tmp_path):
+    out = tmp_path / "killed"
+    proc = start(out, "checkpoint_every=1")
+    wait_for_log(out, "task 3/3 adapters epoch 1/2", proc)
+    t0 = time.time()
+    while not (out / "checkpoints" / "partial.pt").is_file():  # epoch 1's checkpoint, written after its log line
+        assert time.time() - t0 < 120 and proc.poll() is None
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / "checkpoints" / "partial.pt").is_file() and (out / "checkpoints" / "task_1.pt").is_file()
+    before = json.loads((out / "results.json").read_text())
+    assert before["status"] == "running" and len(before["acc"]) == 2  # earlier results intact
+    proc = run_cli("resume", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert accuracies(out) == uninterrupted
+    assert not (out / "checkpoints" / "partial.pt").exists()
+    assert not list((out / "checkpoints").glob(".*.tmp"))
+    assert "resuming" in (out / "log.txt").read_text()
+
+
+def test_sigkill_without_partial_checkpoint_restarts_the_task(uninterrupted, tmp_path):
+    out = tmp_path / "killed"
+    proc = start(out)
+    wait_for_log(out, "task 2/3 adapters epoch 1/2", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "checkpoints" / "partial.pt").exists()
+    proc = run_cli("resume", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert accuracies(out) == uninterrupted
+
+
+def test_sigint_saves_mid_epoch_and_exits_cleanly(uninterrupted, tmp_path):
+    out = tmp_path / "interrupted"
+    proc = start(out)
+    wait_for_log(out, "task 2/3 heads epoch 1/3", proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert lines[-1].startswith("stopped: SIGINT in task 2/3") and f"dynammo resume {out}" in lines[-1]
+    assert "Traceback" not in err
+    state = torch.load(out / "checkpoints" / "partial.pt", weights_only=True)
+    assert state["task"] == 1 and state["journal"]["current"] is not None
+    assert len(state["journal"]["finished"]) == 1  # the adapters stage finished, the heads stage was cut
+    proc = run_cli("resume", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert accuracies(out) == uninterrupted
+    assert_user_error(run_cli("resume", str(out)), "is complete; nothing to resume")
+
+
+def test_sigterm_between_tasks_keeps_the_task_checkpoint(uninterrupted, tmp_path):
+    out = tmp_path / "terminated"
+    proc = start(out)
+    wait_for_log(out, "task 1/3 done", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "stopped: SIGTERM" in err
+    proc = run_cli("resume", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert accuracies(out) == uninterrupted
+
+
+# ---------------- every method resumes exactly (in-process, stop requested at an epoch end) ----------------
+
+TINY = {"dataset": "digits", "backbone": "resnet20", "img_size": 8, "max_train_per_class": 10, "epochs": 2,
+        "init_cls": 4, "increment": 3, "batch_size": 16, "progress": "false", "plots": False, "tensorboard": False}
+MEMORY = {"memory_size": 30}
+
+
+def tiny_config(name):
+    path = ROOT / "configs" / name / "digits.yaml"
+    overrides = [f"{k}={v}" for k, v in {**TINY, **(MEMORY if METHODS.get(name).uses_memory else {})}.items()]
+    return load_config(str(path) if path.is_file() else None, [f"method={name}", *overrides])
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_every_method_resumes_exactly(name, tmp_path, monkeypatch, single_thread):
+    cfg = tiny_config(name)
+    reference = run_single(cfg.copy(), tmp_path / "ref", Console(progress="false", quiet=True))
+
+    engines = []
+    original_init = Engine.__init__
+
+    def remember(self, *a, **k):
+        original_init(self, *a, **k)
+        engines.append(self)
+
+    original_print = Console.print
+
+    def stop_after_first_epoch_of_task_2(self, msg=""):
+        if engines and "task 2/3" in msg and " epoch 1/" in msg:
+            engines[-1].stop_requested = "SIGINT"
+        return original_print(self, msg)
+
+    monkeypatch.setattr(Engine, "__init__", remember)
+    monkeypatch.setattr(Console, "print", stop_after_first_epoch_of_task_2)
+    with pytest.raises(UserError, match="SIGINT"):
+        run_single(cfg.copy(), tmp_path / "cut", Console(progress="false", quiet=True))
+    monkeypatch.undo()
+    assert (tmp_path / "cut" / "checkpoints" / "task_0.pt").is_file()
+    resumed = resume_run(tmp_path / "cut", Console(progress="false", quiet=True))
+    assert resumed["acc_matrix"] == reference["acc_matrix"]
+    for key in ("extra", "task_id_acc"):
+        assert resumed.get(key) == reference.get(key)
+
+
+# ---------------- eval, main.py --checkpoint_dir, foreign and unsafe checkpoints ----------------
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "run"
+    proc = run_cli("run", "--out", str(out), "method=replay", "dataset=digits", "backbone=resnet20", "img_size=8",
+                   "max_train_per_class=20", "memory_size=20", "epochs=1", "init_cls=4", "increment=3",
+                   "progress=false", "plots=false", "tensorboard=false")
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_eval_recomputes_the_recorded_metrics(finished_run):
+    r = json.loads((finished_run / "results.json").read_text())
+    for task in (1, 2, 3):
+        proc = run_cli("eval", str(finished_run), "--task", str(task), "--json")
+        assert proc.returncode == 0, proc.stderr
+        res = json.loads(proc.stdout)
+        assert res["acc"] == r["acc"][task - 1] and res["mcr"] == r["mcr"][task - 1]
+        assert res["acc_per_task"] == r["acc_matrix"][task - 1][:task]
+        assert res["task_il_acc"] == r["task_il_acc"][task - 1]
+    proc = run_cli("eval", str(finished_run))
+    assert proc.returncode == 0 and "identical" in proc.stdout and "after task 3" in proc.stdout
+
+
+def test_main_py_checkpoint_dir_evaluates(finished_run):
+    r = json.loads((finished_run / "results.json").read_text())
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    for target in (finished_run, finished_run / "checkpoints"):
+        proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "--checkpoint_dir", str(target), "--device", "-1"],
+                              capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert f"accuracy {r['acc'][-1]:.2f}" in proc.stdout and "identical" in proc.stdout
+
+
+def copy_run(src, dst):
+    shutil.copytree(src, dst)
+    (dst / "results.json").write_text(json.dumps({**json.loads((dst / "results.json").read_text()),
+                                                  "status": "running"}))
+    return dst
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"seed": 5}, "class order"),  # another seed shuffles the classes differently
+    ({"method": "finetune"}, "method"),
+    ({"dataset": "digits-from-elsewhere"}, "dataset"),  # written into the checkpoints instead
+])
+def test_checkpoint_of_another_run_is_refused(finished_run, tmp_path, change, needle):
+    run = copy_run(finished_run, tmp_path / "run")
+    if "dataset" in change:
+        for path in (run / "checkpoints").glob("task_*.pt"):
+            state = torch.load(path, weights_only=True)
+            state["dataset"] = change["dataset"]
+            torch.save(state, path)
+    else:
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        cfg.update(change)
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    before = (run / "checkpoints" / "task_2.pt").read_bytes()
+    for cmd in ("resume", "eval"):
+        assert_user_error(run_cli(cmd, str(run)), "belongs to another run", needle)
+    assert (run / "checkpoints" / "task_2.pt").read_bytes() == before  # nothing touched
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_checkpoint_with_pickled_code_is_refused(finished_run, tmp_path):
+    run = copy_run(finished_run, tmp_path / "run")
+    state = torch.load(run / "checkpoints" / "task_2.pt", weights_only=True)
+    state["payload"] = _Exploit()
+    torch.save(state, run / "checkpoints" / "task_2.pt")
+    assert_user_error(run_cli("eval", str(run)), "task_2.pt", "damaged or not a dynammo checkpoint")
+    assert_user_error(run_cli("resume", str(run)), "task_2.pt", "damaged or not a dynammo checkpoint")
+
+
+def test_truncated_checkpoint_is_refused_by_resume_and_eval(finished_run, tmp_path):
+    run = copy_run(finished_run, tmp_path / "run")
+    path = run / "checkpoints" / "task_2.pt"
+    path.write_bytes(path.read_bytes()[:1000])
+    assert_user_error(run_cli("resume", str(run)), "task_2.pt", "damaged")
+    assert_user_error(run_cli("eval", str(run), "--task", "3"), "task_2.pt", "damaged")
+    proc = run_cli("eval", str(run), "--task", "2")  # the earlier checkpoints still work
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_resume_of_something_that_is_not_a_run(tmp_path):
+    assert_user_error(run_cli("resume", str(tmp_path)), "not a run directory")
+    assert_user_error(run_cli("eval", str(tmp_path)), "not a run directory")
