@@ -162,6 +162,11 @@ def test_reference_main_py_with_nested_config(tmp_path):
     ("init_cls=11", "more classes than the dataset has"),
     ("memory_size=5", "smaller than the number of classes"),
     ("shuffle=maybe", "must be true or false"),
+    ("epochs=-1", "'epochs' must be >= 1"),
+    ("memory_size=-5", "'memory_size' must be >= 0"),
+    ("img_size=0", "'img_size' must be >= "),
+    ("lrate=fast", "'lrate' must be a number"),
+    ("checkpoint_every=-2", "'checkpoint_every' must be >= 0"),
 ])
 def test_bad_config_values(tmp_path, override, needle):
     out = tmp_path / "never"

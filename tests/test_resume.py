@@ -261,3 +261,55 @@ def test_truncated_checkpoint_is_refused_by_resume_and_eval(finished_run, tmp_pa
 def test_resume_of_something_that_is_not_a_run(tmp_path):
     assert_user_error(run_cli("resume", str(tmp_path)), "not a run directory")
     assert_user_error(run_cli("eval", str(tmp_path)), "not a run directory")
+
+
+# ---------------- failures keep what was finished ----------------
+
+SMALL_REPLAY = ["method=replay", "dataset=digits", "backbone=resnet20", "img_size=8", "max_train_per_class=20",
+                "memory_size=20", "epochs=2", "init_cls=4", "increment=3", "progress=false", "plots=false",
+                "tensorboard=false"]
+
+
+def test_nan_loss_names_task_and_epoch_and_keeps_the_last_checkpoint(tmp_path):
+    out = tmp_path / "nan"
+    proc = run_cli("run", "--out", str(out), *SMALL_REPLAY, "init_lrate=0.05", "lrate=1e30")  # task 2 diverges
+    assert_user_error(proc, "training diverged", "task 2/3", "epoch 1", "lower lrate")
+    state = torch.load(out / "checkpoints" / "task_0.pt", weights_only=True)
+    assert state["task"] == 0
+    r = json.loads((out / "results.json").read_text())
+    assert r["status"] == "failed" and "diverged" in r["stopped_because"] and len(r["acc"]) == 1
+    assert not (out / "checkpoints" / "task_1.pt").exists()
+    proc = run_cli("eval", str(out))  # the last good model is still usable
+    assert proc.returncode == 0 and "after task 1" in proc.stdout
+
+
+def test_disk_full_while_writing_a_checkpoint(tmp_path, monkeypatch, single_thread):
+    """ENOSPC on the second checkpoint: one clear error, the first checkpoint and results intact,
+    no half-written file left behind."""
+    import errno
+
+    import dynammo.io
+
+    real_save, calls = torch.save, []
+
+    def save_until_disk_is_full(obj, f, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            f.write(b"partial bytes")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(dynammo.io.torch, "save", save_until_disk_is_full)
+    cfg = load_config(None, SMALL_REPLAY)
+    out = tmp_path / "full"
+    with pytest.raises(UserError, match="could not write .*task_1.pt: No space left on device; free disk space"):
+        run_single(cfg, out, Console(progress="false", quiet=True))
+    monkeypatch.undo()
+    assert torch.load(out / "checkpoints" / "task_0.pt", weights_only=True)["task"] == 0
+    assert not (out / "checkpoints" / "task_1.pt").exists()
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    r = json.loads((out / "results.json").read_text())
+    assert len(r["acc"]) == 1 and r["status"] == "failed"
+    proc = run_cli("resume", str(out))  # space is back: the run continues from task 1's checkpoint
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "results.json").read_text())["status"] == "complete"

@@ -191,6 +191,16 @@ def stop_on_signals(engine: Engine, console: Console):
             signal.signal(sig, h)
 
 
+def mark_stopped(writer, status: str, reason: str) -> None:
+    """results.json says why the run stopped; what the finished tasks recorded stays as it was."""
+    path = writer.dir / "results.json"
+    if path.is_file():
+        try:
+            writer.write_results({**json.loads(path.read_text()), "status": status, "stopped_because": reason})
+        except UserError:
+            pass  # the disk is full: the previous results.json is still intact
+
+
 def _run(cfg, data, scenario, engine, method, writer, console, progress, partial=None) -> dict:
     engine.tb = writer.tb
     console.attach(writer.dir / "log.txt")
@@ -211,7 +221,11 @@ def _run(cfg, data, scenario, engine, method, writer, console, progress, partial
             return _train_all_tasks(cfg, method, engine, data, scenario, writer, console, progress)
     except RunInterrupted as exc:
         saved = "its state is saved" if cfg.save_checkpoints else "nothing was saved (save_checkpoints=false)"
+        mark_stopped(writer, "interrupted", str(exc))
         raise RunInterrupted(f"{exc}; {saved}: continue with `dynammo resume {writer.dir}`") from None
+    except UserError as exc:  # e.g. a diverged loss: the finished tasks' results and checkpoints stay
+        mark_stopped(writer, "failed", str(exc))
+        raise
     finally:
         writer.close()
         console.detach()
