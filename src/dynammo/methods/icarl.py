@@ -32,9 +32,13 @@ from dynammo.methods.distill import DistillMethod, kd_options
 
 
 def nme_predict(features: torch.Tensor, class_means: torch.Tensor) -> torch.Tensor:
-    """Nearest mean of exemplars: argmin_c || f / |f| - mu_c || over the class means (rows)."""
+    """Nearest mean of exemplars: argmin_c || f / |f| - mu_c ||^2 over the class means (rows).
+
+    The squared distance is expanded as |f|^2 - 2 f.mu + |mu|^2 (one matmul; unlike torch.cdist it
+    has no batch-size-dependent code path, so `dynammo export` can trace it for any batch)."""
     f = F.normalize(features.float(), dim=1)
-    dist = torch.cdist(f, class_means.to(f.device, torch.float32))
+    mu = class_means.to(f.device, torch.float32)
+    dist = f.pow(2).sum(1, keepdim=True) - 2 * f @ mu.t() + mu.pow(2).sum(1).unsqueeze(0)
     return dist.argmin(dim=1)
 
 
