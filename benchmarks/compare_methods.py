@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,13 @@ def main():
         print(f"| {method} | {s['avg_acc']['mean']:.2f} ± {s['avg_acc']['std']:.2f} | "
               f"{s['last_acc']['mean']:.2f} ± {s['last_acc']['std']:.2f} | {ftxt} | {c['inference_gflops']:.3f} | "
               f"{c['params_total'] / 1e6:.2f} | {c['memory_exemplars']} |")
+    for method, s, _ in rows:  # extra classifiers (iCaRL's NME), averaged over the seeds' results.json
+        runs = [json.loads((Path(args.out) / method / f"seed{seed}" / "results.json").read_text()) for seed in args.seeds]
+        for name in (runs[0].get("extra") or {}):
+            avg = [r["extra"][name]["avg_acc"] for r in runs]
+            last = [r["extra"][name]["last_acc"] for r in runs]
+            print(f"{method} {name}: avg acc {statistics.mean(avg):.2f} ± {statistics.pstdev(avg):.2f}, "
+                  f"last acc {statistics.mean(last):.2f} ± {statistics.pstdev(last):.2f}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Inference cost of ACL vs DynaMMo by number of tasks (ResNet-18, 224 px), measured side by side.
+"""Inference cost of ACL vs DynaMMo (and DER) by number of tasks (ResNet-18, 224 px), measured side by side.
 
 GFLOPs per image are counted with torch's FlopCounterMode on each method's real `predict` (what
 the model executes), with the structure grown task by task exactly as training builds it
@@ -25,8 +25,9 @@ from dynammo.methods import METHODS
 
 
 def build(name, tasks, img_size, device):
+    adapter_keys = ["backbone_epochs=0"] if name in ("acl", "dynammo") else []
     cfg = load_config(None, [f"method={name}", "dataset=digits", "backbone=resnet18", f"img_size={img_size}",
-                             "init_cls=1", "increment=1", "backbone_epochs=0", "progress=false",
+                             "init_cls=1", "increment=1", "progress=false", *adapter_keys,
                              f"device={device}", "memory_size=10", "max_test_per_class=2"])
     seed_everything(0)
     data = load_data(cfg, 0)
@@ -46,7 +47,7 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--plot", default=None)
     args = ap.parse_args()
-    methods = {n: build(n, args.tasks, args.img_size, args.device) for n in ("acl", "dynammo")}
+    methods = {n: build(n, args.tasks, args.img_size, args.device) for n in ("acl", "dynammo", "der")}
     x = torch.randn(1, 3, args.img_size, args.img_size, device=resolve_device(args.device))
     rows = []
     for t in range(args.tasks):
@@ -58,23 +59,25 @@ def main():
             row[name + "_params"] = count_params([m.net]) / 1e6
         rows.append(row)
     print(f"ResNet-18 at {args.img_size} px, inference GFLOPs per image (FLOPs = 2 x MACs)")
-    print("| tasks | ACL GFLOPs | DynaMMo GFLOPs | ACL / DynaMMo | ACL params (M) | DynaMMo params (M) |")
-    print("|---|---|---|---|---|---|")
+    print("| tasks | ACL GFLOPs | DynaMMo GFLOPs | DER GFLOPs | ACL / DynaMMo | ACL params (M) | DynaMMo params (M) "
+          "| DER params (M) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['T']} | {r['acl']:.3f} | {r['dynammo']:.3f} | {r['acl'] / r['dynammo']:.2f} | "
-              f"{r['acl_params']:.2f} | {r['dynammo_params']:.2f} |")
+        print(f"| {r['T']} | {r['acl']:.3f} | {r['dynammo']:.3f} | {r['der']:.3f} | {r['acl'] / r['dynammo']:.2f} | "
+              f"{r['acl_params']:.2f} | {r['dynammo_params']:.2f} | {r['der_params']:.2f} |")
     first, last = rows[0], rows[-1]
     print(f"DynaMMo T={last['T']} vs T=1: {100 * (last['dynammo'] / first['dynammo'] - 1):+.2f}% (target within 1%)")
     print(f"ACL / DynaMMo FLOPs at T={last['T']}: {last['acl'] / last['dynammo']:.2f} (target >= 9)")
 
     if args.time_images:
         batch = torch.randn(args.time_images, 3, args.img_size, args.img_size, device=x.device)
-        speed = {n: [] for n in methods}
+        timed = {n: methods[n] for n in ("acl", "dynammo")}
+        speed = {n: [] for n in timed}
         with torch.no_grad():
-            for n, (m, _) in methods.items():
+            for n, (m, _) in timed.items():
                 m.predict(batch[:2])  # warm-up
             for _ in range(args.rounds):
-                for n, (m, _) in methods.items():
+                for n, (m, _) in timed.items():
                     if x.device.type == "cuda":
                         torch.cuda.synchronize()
                     t0 = time.perf_counter()
@@ -96,6 +99,7 @@ def main():
         ts = [r["T"] for r in rows]
         ax.plot(ts, [r["acl"] for r in rows], "o-", label="ACL (one path per task)")
         ax.plot(ts, [r["dynammo"] for r in rows], "s-", label="DynaMMo (merged: one path)")
+        ax.plot(ts, [r["der"] for r in rows], "^--", label="DER (one backbone per task)")
         ax.set_xlabel("tasks learned")
         ax.set_ylabel("inference GFLOPs / image")
         ax.set_xticks(ts)
