@@ -313,3 +313,27 @@ def test_disk_full_while_writing_a_checkpoint(tmp_path, monkeypatch, single_thre
     proc = run_cli("resume", str(out))  # space is back: the run continues from task 1's checkpoint
     assert proc.returncode == 0, proc.stderr
     assert json.loads((out / "results.json").read_text())["status"] == "complete"
+
+
+def test_file_backed_memory_is_saved_and_loaded_safely(tmp_path):
+    """Exemplars of a dataset read lazily from files are checkpointed as their sources (paths) and
+    load with weights_only=True."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
+    for c in ("a", "b", "c"):
+        (root / c).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(root / c / f"{i}.png")
+    out = tmp_path / "run"
+    proc = run_cli("run", "--out", str(out), "method=replay", "dataset=folder", f"data_root={root}", "in_memory=false",
+                   "img_size=8", "backbone=resnet20", "init_cls=1", "increment=1", "memory_size=6", "epochs=1",
+                   "progress=false", "plots=false", "tensorboard=false")
+    assert proc.returncode == 0, proc.stderr
+    state = torch.load(out / "checkpoints" / "task_1.pt", weights_only=True)
+    sources = [s for v in state["state"]["memory"].values() for s in (v["sources"] or [])]
+    assert sources and all(str(root) in str(s) for s in sources)
+    proc = run_cli("eval", str(out), "--task", "2")
+    assert proc.returncode == 0 and "identical" in proc.stdout, proc.stderr
