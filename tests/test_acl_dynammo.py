@@ -28,6 +28,9 @@ from dynammo.methods.acl import heads_loss, others_labels
 from dynammo.models.adapters import AdapterSet, mean_of
 from dynammo.models.heads import min_others
 
+import method_helpers
+from method_helpers import run_task, same, snapshot
+
 pytestmark = pytest.mark.usefixtures("single_thread")
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(dataset="digits", backbone="resnet20", img_size=8, init_cls=4, increment=3, epochs=1,
@@ -36,28 +39,7 @@ TINY = dict(dataset="digits", backbone="resnet20", img_size=8, init_cls=4, incre
 
 
 def make_method(name: str, **kw):
-    cfg = build_config({"method": name, **TINY, **kw})
-    data = load_data(cfg, cfg.seed)
-    scenario = Scenario.from_config(data, cfg, cfg.seed)
-    METHODS.get(name).check_config(cfg, data.num_classes)
-    engine = Engine(cfg, Console(progress="false", quiet=True), torch.device("cpu"), cfg.seed)
-    engine.set_transforms(*make_transforms(data, cfg.augment))
-    torch.manual_seed(cfg.seed)
-    return METHODS.get(name)(cfg, engine, scenario)
-
-
-def run_task(method, task) -> None:
-    method.begin_task(task)
-    method.train_task(task)
-    method.end_task(task)
-
-
-def snapshot(module) -> dict:
-    return {k: v.clone() for k, v in module.state_dict().items()}
-
-
-def same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return method_helpers.make_method(name, TINY, **kw)
 
 
 def randomize_(adapters: AdapterSet, seed: int) -> AdapterSet:

@@ -27,37 +27,11 @@ from dynammo.methods.bic import BiasLayer
 from dynammo.methods.distill import frozen_copy, kd_loss
 from dynammo.methods.icarl import class_means_of, nme_predict
 from dynammo.methods.wa import align_weights
+from method_helpers import make_method, run_task, same, snapshot
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DYNAMMO_SHARED_DATA", ROOT.parent / "shared" / "data"))
-TINY = dict(dataset="digits", backbone="resnet20", img_size=8, init_cls=4, increment=3, epochs=1, batch_size=16,
-            max_train_per_class=12, memory_size=30, seed=0, progress="false", augment=False)
-
-
-def make_method(name: str, **kw):
-    cfg = build_config({"method": name, **TINY, **kw})
-    data = load_data(cfg, cfg.seed)
-    scenario = Scenario.from_config(data, cfg, cfg.seed)
-    METHODS.get(name).check_config(cfg, data.num_classes)
-    engine = Engine(cfg, Console(progress="false", quiet=True), torch.device("cpu"), cfg.seed)
-    engine.set_transforms(*make_transforms(data, cfg.augment))
-    torch.manual_seed(cfg.seed)
-    return METHODS.get(name)(cfg, engine, scenario)
-
-
-def run_task(method, task) -> None:
-    method.begin_task(task)
-    method.train_task(task)
-    method.end_task(task)
-
-
-def snapshot(module) -> dict:
-    return {k: v.clone() for k, v in module.state_dict().items()}
-
-
-def same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def batch_of(method, data, n: int = 10) -> Batch:

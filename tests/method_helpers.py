@@ -1,0 +1,43 @@
+"""What the method tests share: a method built on a tiny real scenario, one task trained the way
+the runner trains it, and state-dict snapshots to compare bit for bit."""
+from __future__ import annotations
+
+import torch
+
+from dynammo.config import build_config
+from dynammo.console import Console
+from dynammo.data import load_data
+from dynammo.data.scenario import Scenario
+from dynammo.data.transforms import make_transforms
+from dynammo.engine import Engine
+from dynammo.methods import METHODS
+
+# digits at 8 px on a CIFAR ResNet-20: 3 tasks (4, 3, 3 classes), seconds per task on one CPU thread
+TINY = dict(dataset="digits", backbone="resnet20", img_size=8, init_cls=4, increment=3, epochs=1, batch_size=16,
+            max_train_per_class=12, memory_size=30, seed=0, progress="false", augment=False)
+
+
+def make_method(name: str, base: dict = TINY, **kw):
+    """The method `name` on `base` (+ kw overrides), as the runner builds it (checks included)."""
+    cfg = build_config({"method": name, **base, **kw})
+    data = load_data(cfg, cfg.seed)
+    scenario = Scenario.from_config(data, cfg, cfg.seed)
+    METHODS.get(name).check_config(cfg, data.num_classes)
+    engine = Engine(cfg, Console(progress="false", quiet=True), torch.device("cpu"), cfg.seed)
+    engine.set_transforms(*make_transforms(data, cfg.augment))
+    torch.manual_seed(cfg.seed)
+    return METHODS.get(name)(cfg, engine, scenario)
+
+
+def run_task(method, task) -> None:
+    method.begin_task(task)
+    method.train_task(task)
+    method.end_task(task)
+
+
+def snapshot(module) -> dict:
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
