@@ -18,6 +18,10 @@ Lin, "Learning a Unified Classifier Incrementally via Rebalancing", CVPR 2019).
   `mr_weight = K` here.
 - Loss: CE(sigma * cos, y) + lambda * L_dis + mr_weight * L_mr on the task's data plus the memory.
 The class-balanced fine-tuning the paper uses on ImageNet only is not part of this method.
+
+The less-forget constraint assumes a base task rich enough to give every later class a usable
+feature (the paper starts from 50 CIFAR classes). After a 2-class base task learned from scratch it
+keeps the features too still for the next classes: see configs/ucir/mednist_cpu.yaml.
 """
 from __future__ import annotations
 
