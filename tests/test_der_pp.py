@@ -57,21 +57,26 @@ def test_names_never_confuse_der_pp_with_der():
     assert "not DER" in METHODS.get("der_pp").summary and "Dark Experience Replay" in METHODS.get("der_pp").summary
 
 
-def test_buffer_stores_the_logits_the_model_gave_its_raw_images():
-    m = make_method()
+@pytest.mark.parametrize("full_head", [True, False])
+def test_buffer_stores_the_logits_the_model_gave_its_raw_images(full_head):
+    m = make_method(full_head=full_head)
     task = m.scenario.tasks[0]
     m.begin_task(task)
     m.eval_mode()  # BatchNorm on running statistics: a sample's logits do not depend on its batch
     b = batch_of(m, task, torch.arange(10))
-    _, logits, _ = m.step(b)
+    with torch.no_grad():
+        all_logits = m.net(b.x)
+    m.step(b)
     buf = m.buffer
     assert len(buf) == 10
     assert torch.equal(buf.images[:10], b.raw) and torch.equal(buf.labels[:10], b.y)
-    assert torch.equal(buf.extras["logits"][:10], logits.detach())
+    assert torch.allclose(buf.extras["logits"][:10], all_logits, atol=1e-6)
     with torch.no_grad():  # recomputed from the stored raw images
         again = m.net(m.engine.test_tf(buf.images[:10]))
     assert torch.allclose(buf.extras["logits"][:10], again, atol=1e-5)
-    assert buf.extras["logit_cols"][:10].tolist() == [task.size] * 10
+    width = 10 if full_head else task.size  # the paper's head has every class from the start
+    assert buf.extras["logits"].shape[1] == width and buf.extras["logit_cols"][:10].tolist() == [width] * 10
+    assert m.predict(b.x)["logits"].shape == (10, task.size)  # prediction over the seen classes only
 
 
 def test_logit_replay_is_zero_for_an_unchanged_model_and_not_otherwise():
@@ -113,9 +118,8 @@ def test_buffer_is_in_the_checkpoint_and_the_memory_accounting():
         run_task(m, task)
     buf = m.buffer
     assert len(buf) == 40 and buf.seen == 12 * 7  # 4 + 3 classes x 12 images, one epoch
-    widths = set(buf.extras["logit_cols"].tolist())
-    assert widths <= {4, 7} and buf.extras["logits"].shape[1] == 7
-    assert m.memory_stats() == (40, 40 * (1 * 8 * 8 + 7 * 4 + 8))  # uint8 image + 7 float logits + width
+    assert buf.extras["logits"].shape == (40, 10) and set(buf.extras["logit_cols"].tolist()) == {10}
+    assert m.memory_stats() == (40, 40 * (1 * 8 * 8 + 10 * 4 + 8))  # uint8 image + 10 float logits + width
     assert m.memory_budget(7) == 40
 
     fresh = make_method(seed=7)
@@ -127,7 +131,21 @@ def test_buffer_is_in_the_checkpoint_and_the_memory_accounting():
     m.eval_mode()
     fresh.eval_mode()
     x = m.engine.test_tf(m.scenario.test.get(torch.arange(20)))
+    assert m.predict(x)["logits"].shape == (20, 7)
     assert torch.equal(m.predict(x)["logits"], fresh.predict(x)["logits"])
+
+
+def test_growing_head_stores_rows_of_the_width_they_had():
+    m = make_method(full_head=False)
+    for task in m.scenario.tasks[:2]:
+        run_task(m, task)
+    buf = m.buffer
+    assert set(buf.extras["logit_cols"].tolist()) == {4, 7} and buf.extras["logits"].shape == (40, 7)
+    narrow = buf.extras["logit_cols"] == 4
+    assert (buf.extras["logits"][narrow, 4:] == 0).all()  # zero-padded, and ignored by the MSE
+    fresh = make_method(full_head=False, seed=7)
+    fresh.load_state_dict(m.state_dict())
+    assert fresh.net.head.num_classes == 7
 
 
 def test_config_checks():
@@ -151,8 +169,8 @@ def test_end_to_end_cli(tmp_path):
     assert r["status"] == "complete" and r["method"] == "der_pp"
     assert len(r["acc"]) == 3 and r["avg_acc"] is not None and r["forgetting"] is not None
     assert [c["memory_exemplars"] for c in r["cost"]] == [30, 30, 30]
-    # the stored logits widen with the head: 4, 7, 10 columns of float32 beside each 64-byte image
-    assert [c["memory_bytes"] for c in r["cost"]] == [30 * (64 + 4 * n + 8) for n in (4, 7, 10)]
+    # every slot: a 64-byte image, the 10 logits of the full head (float32) and its width (int64)
+    assert [c["memory_bytes"] for c in r["cost"]] == [30 * (64 + 10 * 4 + 8)] * 3
     state = torch.load(out / "checkpoints" / "task_2.pt", map_location="cpu", weights_only=False)
     assert state["state"]["memory"]["extras"]["logits"].shape == (30, 10)
     assert state["config"]["alpha"] == 0.1 and state["config"]["beta"] == 0.5
