@@ -12,16 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from dynammo.config import build_config
-from dynammo.console import Console
 from dynammo.cost import count_flops, count_params, gflops_per_image
-from dynammo.data import load_data
-from dynammo.data.scenario import Scenario
-from dynammo.data.transforms import make_transforms
-from dynammo.engine import Engine
 from dynammo.methods import METHODS
 from dynammo.methods.der import old_vs_new_labels
 from dynammo.models.backbones import build_backbone
+
+import method_helpers
+from method_helpers import run_task, snapshot, same
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,28 +27,7 @@ TINY = dict(dataset="digits", backbone="resnet20", img_size=8, init_cls=4, incre
 
 
 def make_method(**kw):
-    cfg = build_config({"method": "der", **TINY, **kw})
-    data = load_data(cfg, cfg.seed)
-    scenario = Scenario.from_config(data, cfg, cfg.seed)
-    METHODS.get("der").check_config(cfg, data.num_classes)
-    engine = Engine(cfg, Console(progress="false", quiet=True), torch.device("cpu"), cfg.seed)
-    engine.set_transforms(*make_transforms(data, cfg.augment))
-    torch.manual_seed(cfg.seed)
-    return METHODS.get("der")(cfg, engine, scenario)
-
-
-def run_task(method, task) -> None:
-    method.begin_task(task)
-    method.train_task(task)
-    method.end_task(task)
-
-
-def snapshot(module) -> dict:
-    return {k: v.clone() for k, v in module.state_dict().items()}
-
-
-def same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return method_helpers.make_method("der", TINY, **kw)
 
 
 def test_names_never_confuse_der_with_der_pp():

@@ -11,15 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from dynammo.config import build_config
-from dynammo.console import Console
-from dynammo.data import load_data
-from dynammo.data.scenario import Scenario
-from dynammo.data.transforms import make_transforms
-from dynammo.engine import Batch, Engine
+from dynammo.engine import Batch
 from dynammo.errors import UserError
 from dynammo.methods import METHODS
 from dynammo.methods.der_pp import stored_logits_mse
+
+import method_helpers
+from method_helpers import run_task
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,20 +26,7 @@ TINY = dict(dataset="digits", backbone="resnet20", img_size=8, init_cls=4, incre
 
 
 def make_method(**kw):
-    cfg = build_config({"method": "der_pp", **TINY, **kw})
-    data = load_data(cfg, cfg.seed)
-    scenario = Scenario.from_config(data, cfg, cfg.seed)
-    METHODS.get("der_pp").check_config(cfg, data.num_classes)
-    engine = Engine(cfg, Console(progress="false", quiet=True), torch.device("cpu"), cfg.seed)
-    engine.set_transforms(*make_transforms(data, cfg.augment))
-    torch.manual_seed(cfg.seed)
-    return METHODS.get("der_pp")(cfg, engine, scenario)
-
-
-def run_task(method, task) -> None:
-    method.begin_task(task)
-    method.train_task(task)
-    method.end_task(task)
+    return method_helpers.make_method("der_pp", TINY, **kw)
 
 
 def batch_of(method, task, idx) -> Batch:

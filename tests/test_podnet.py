@@ -14,16 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dynammo.config import build_config
-from dynammo.console import Console
-from dynammo.data import load_data
-from dynammo.data.scenario import Scenario
-from dynammo.data.transforms import make_transforms
-from dynammo.engine import Batch, Engine
 from dynammo.methods import METHODS
 from dynammo.methods.podnet import nca_loss, pod_factor, pod_flat_loss, pod_pool, pod_spatial_loss
-from dynammo.models.backbones import build_backbone
 from dynammo.models.cosine import CosineClassifier, aggregate_proxies, imprinted_weights
+
+import method_helpers
+from method_helpers import run_task, snapshot
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,24 +29,7 @@ TINY = dict(dataset="digits", backbone="resnet20", img_size=8, init_cls=4, incre
 
 
 def make_method(**kw):
-    cfg = build_config({"method": "podnet", **TINY, **kw})
-    data = load_data(cfg, cfg.seed)
-    scenario = Scenario.from_config(data, cfg, cfg.seed)
-    METHODS.get("podnet").check_config(cfg, data.num_classes)
-    engine = Engine(cfg, Console(progress="false", quiet=True), torch.device("cpu"), cfg.seed)
-    engine.set_transforms(*make_transforms(data, cfg.augment))
-    torch.manual_seed(cfg.seed)
-    return METHODS.get("podnet")(cfg, engine, scenario)
-
-
-def run_task(method, task) -> None:
-    method.begin_task(task)
-    method.train_task(task)
-    method.end_task(task)
-
-
-def snapshot(module) -> dict:
-    return {k: v.clone() for k, v in module.state_dict().items()}
+    return method_helpers.make_method("podnet", TINY, **kw)
 
 
 def test_registered_with_alias_and_paper_defaults():

@@ -14,16 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dynammo.config import build_config
-from dynammo.console import Console
-from dynammo.data import load_data
-from dynammo.data.scenario import Scenario
-from dynammo.data.transforms import make_transforms
-from dynammo.engine import Engine
 from dynammo.methods import METHODS
 from dynammo.methods.ucir import less_forget_loss, less_forget_weight, margin_ranking_loss
 from dynammo.models.backbones import build_backbone
 from dynammo.models.cosine import CosineClassifier
+
+import method_helpers
+from method_helpers import run_task
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,20 +29,7 @@ TINY = dict(dataset="digits", backbone="resnet20", img_size=8, init_cls=4, incre
 
 
 def make_method(name: str = "ucir", **kw):
-    cfg = build_config({"method": name, **TINY, **kw})
-    data = load_data(cfg, cfg.seed)
-    scenario = Scenario.from_config(data, cfg, cfg.seed)
-    METHODS.get(name).check_config(cfg, data.num_classes)
-    engine = Engine(cfg, Console(progress="false", quiet=True), torch.device("cpu"), cfg.seed)
-    engine.set_transforms(*make_transforms(data, cfg.augment))
-    torch.manual_seed(cfg.seed)
-    return METHODS.get(name)(cfg, engine, scenario)
-
-
-def run_task(method, task) -> None:
-    method.begin_task(task)
-    method.train_task(task)
-    method.end_task(task)
+    return method_helpers.make_method(name, TINY, **kw)
 
 
 def test_registered_with_aliases_and_paper_defaults():

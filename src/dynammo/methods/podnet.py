@@ -27,21 +27,18 @@ Outputs Distillation for Small-Tasks Incremental Learning", ECCV 2020).
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import List
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from dynammo.config import Option
-from dynammo.data.imageset import ImageSet
 from dynammo.data.memory import balanced_set
 from dynammo.data.scenario import Task
 from dynammo.engine import Batch, OptimSettings
 from dynammo.methods import METHODS
-from dynammo.methods.base import Method
 from dynammo.methods.distill import frozen_copy
-from dynammo.methods.ucir import build_cosine_net
+from dynammo.methods.ucir import CosineRehearsal, build_cosine_net
 from dynammo.models.cosine import CosineNet, imprinted_weights
 
 
@@ -83,9 +80,8 @@ def pod_factor(n_seen: int, n_new: int) -> float:
 
 
 @METHODS.register("podnet", aliases=("podnet_il",))
-class PODNet(Method):
+class PODNet(CosineRehearsal):
     summary = "local similarity classifier + pooled outputs distillation + NCA, balanced fine-tuning (ECCV 2020)"
-    uses_memory = True
     options = {
         "proxies": Option("int", 10, "proxies per class of the local similarity classifier", min=1),
         "lambda_spatial": Option("float", 3.0, "POD-spatial weight (times sqrt(n_seen / n_new)); 3 on CIFAR-100",
@@ -106,23 +102,8 @@ class PODNet(Method):
         "milestones_finetune": Option("int_list", [], "balanced fine-tuning multi_step epochs", min=1),
     }
 
-    old_backbone: Optional[nn.Module] = None
-
     def build_network(self) -> CosineNet:
         return build_cosine_net(self.cfg, proxies=self.cfg.proxies)
-
-    # ---- structure ----
-    def begin_task(self, task: Task) -> None:
-        """Structure only (also replayed by `load_state_dict`): new proxies, old ones frozen."""
-        self.known, self.total = task.start, task.end
-        self.tasks_done = task.id + 1
-        self.net.head.expand(task.size)
-        if task.id > 0 and self.cfg.freeze_old_weights:
-            self.net.head.freeze_old()
-        self.net.to(self.device)
-
-    def training_set(self, task: Task) -> ImageSet:
-        return ImageSet.concat([self.scenario.train_data(task), self.memory.as_imageset()])
 
     # ---- training ----
     def train_task(self, task: Task) -> None:

@@ -73,26 +73,13 @@ def build_cosine_net(cfg, proxies: int = 1) -> CosineNet:
     return CosineNet(backbone, proxies)
 
 
-@METHODS.register("ucir", aliases=("lucir", "ucir_il", "lucir_il"))
-class UCIR(Method):
-    summary = "cosine classifier + less-forget feature distillation + margin ranking on hard negatives (CVPR 2019)"
+class CosineRehearsal(Method):
+    """What UCIR and PODNet share: a cosine classifier that grows one weight block per task (old
+    blocks frozen when `freeze_old_weights`), trained on the task's data plus the memory, with the
+    backbone of the previous task as the distillation teacher."""
+
     uses_memory = True
-    options = {
-        "lambda_base": Option("float", 5.0, "less-forget weight base: lambda = lambda_base * sqrt(n_old / n_new) "
-                                            "(5 on CIFAR-100 in the paper)", min=0.0),
-        "mr_k": Option("int", 2, "margin ranking loss: hard negative (new) classes per memory sample", min=1),
-        "mr_margin": Option("float", 0.5, "margin ranking loss: margin m on cosines", min=0.0),
-        "mr_weight": Option("float", 1.0, "weight of the margin ranking loss", min=0.0),
-        "last_relu": Option("bool", False, "keep the ReLU at the end of the backbone (the paper removes it)"),
-        "imprint": Option("bool", True, "initialise new class weights from their normalised feature means"),
-        "freeze_old_weights": Option("bool", True, "old class weights stay fixed while a new task trains "
-                                                   "(the authors' code)"),
-    }
-
     old_backbone: Optional[nn.Module] = None
-
-    def build_network(self) -> CosineNet:
-        return build_cosine_net(self.cfg)
 
     # ---- structure ----
     def begin_task(self, task: Task) -> None:
@@ -106,6 +93,25 @@ class UCIR(Method):
 
     def training_set(self, task: Task) -> ImageSet:
         return ImageSet.concat([self.scenario.train_data(task), self.memory.as_imageset()])
+
+
+@METHODS.register("ucir", aliases=("lucir", "ucir_il", "lucir_il"))
+class UCIR(CosineRehearsal):
+    summary = "cosine classifier + less-forget feature distillation + margin ranking on hard negatives (CVPR 2019)"
+    options = {
+        "lambda_base": Option("float", 5.0, "less-forget weight base: lambda = lambda_base * sqrt(n_old / n_new) "
+                                            "(5 on CIFAR-100 in the paper)", min=0.0),
+        "mr_k": Option("int", 2, "margin ranking loss: hard negative (new) classes per memory sample", min=1),
+        "mr_margin": Option("float", 0.5, "margin ranking loss: margin m on cosines", min=0.0),
+        "mr_weight": Option("float", 1.0, "weight of the margin ranking loss", min=0.0),
+        "last_relu": Option("bool", False, "keep the ReLU at the end of the backbone (the paper removes it)"),
+        "imprint": Option("bool", True, "initialise new class weights from their normalised feature means"),
+        "freeze_old_weights": Option("bool", True, "old class weights stay fixed while a new task trains "
+                                                   "(the authors' code)"),
+    }
+
+    def build_network(self) -> CosineNet:
+        return build_cosine_net(self.cfg)
 
     # ---- training ----
     def train_task(self, task: Task) -> None:
