@@ -20,6 +20,7 @@ def main():
     ap.add_argument("--methods", nargs="+", default=["joint", "finetune", "replay"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[1993, 1994, 1995])
     ap.add_argument("--out", default="runs/compare")
+    ap.add_argument("--plot", help="also write a PNG of each method's accuracy after every task (mean ± std over seeds)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides passed to every run")
     args = ap.parse_args()
     rows = []
@@ -43,6 +44,8 @@ def main():
         print(f"| {method} | {s['avg_acc']['mean']:.2f} ± {s['avg_acc']['std']:.2f} | "
               f"{s['last_acc']['mean']:.2f} ± {s['last_acc']['std']:.2f} | {ftxt} | {c['inference_gflops']:.3f} | "
               f"{c['params_total'] / 1e6:.2f} | {c['memory_exemplars']} |")
+    if args.plot:
+        plot_curves(args, [m for m, _, _ in rows], Path(args.plot))
     for method, s, _ in rows:  # extra classifiers (iCaRL's NME), averaged over the seeds' results.json
         runs = [json.loads((Path(args.out) / method / f"seed{seed}" / "results.json").read_text()) for seed in args.seeds]
         for name in (runs[0].get("extra") or {}):
@@ -50,6 +53,36 @@ def main():
             last = [r["extra"][name]["last_acc"] for r in runs]
             print(f"{method} {name}: avg acc {statistics.mean(avg):.2f} ± {statistics.pstdev(avg):.2f}, "
                   f"last acc {statistics.mean(last):.2f} ± {statistics.pstdev(last):.2f}")
+
+
+def plot_curves(args, methods, path: Path) -> None:
+    """Accuracy on all seen classes after each task, one line per method, shaded ± std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from dynammo.report import _save_fig
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for i, method in enumerate(methods):
+        acc = np.array([json.loads((Path(args.out) / method / f"seed{seed}" / "results.json").read_text())["acc"]
+                        for seed in args.seeds])
+        tasks = np.arange(1, acc.shape[1] + 1)
+        mean, std = acc.mean(0), acc.std(0)
+        style = "-" if i < 10 else "--"  # the default colour cycle has 10 colours
+        ax.plot(tasks, mean, "o" + style, ms=3, label=method)
+        ax.fill_between(tasks, mean - std, mean + std, alpha=0.12)
+    ax.set_xlabel("after task")
+    ax.set_ylabel("accuracy on all seen classes (%)")
+    ax.set_xticks(tasks)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(f"{args.config_name}, seeds {', '.join(map(str, args.seeds))}", fontsize=10)
+    _save_fig(fig, path)
+    plt.close(fig)
+    print(f"plot: {path}")
 
 
 if __name__ == "__main__":

@@ -74,8 +74,8 @@ def test_dependent_old_gradients_still_solve():
 # ---------------------------------------------------------------- the before_step hook
 
 
-def _method_in_task_1():
-    m = make_method()
+def _method_in_task_1(**kw):
+    m = make_method(**kw)
     run_task(m, m.scenario.tasks[0])
     task = m.scenario.tasks[1]
     m.begin_task(task)
@@ -86,7 +86,7 @@ def _method_in_task_1():
 
 
 def test_hook_keeps_a_harmless_gradient_and_projects_a_harmful_one(monkeypatch):
-    m, params = _method_in_task_1()
+    m, params = _method_in_task_1(gem_memory_forward="separate")
     n = sum(p.numel() for p in params)
     g_old = torch.zeros(n)
     g_old[:5] = 1.0
@@ -105,7 +105,7 @@ def test_hook_keeps_a_harmless_gradient_and_projects_a_harmful_one(monkeypatch):
 
 
 def test_hook_on_real_gradients_of_the_network():
-    m, params = _method_in_task_1()
+    m, params = _method_in_task_1(gem_memory_forward="separate")
     data = m.scenario.train_data(m.current)
     idx = torch.arange(16)
     raw = data.get(idx)
@@ -122,6 +122,55 @@ def test_hook_on_real_gradients_of_the_network():
     proj = flat_grad(params)
     assert float(proj @ g_old) >= -1e-5 * float(g.norm() * g_old.norm())  # ... the projection does not
     assert not torch.equal(proj, g)
+
+
+def _current_batch(m, n=16):
+    data = m.scenario.train_data(m.current)
+    idx = torch.arange(n)
+    raw = data.get(idx)
+    return Batch(m.engine.train_tf(raw), data.labels[idx], raw, idx)
+
+
+def test_joint_step_takes_each_old_gradient_from_one_shared_forward_pass():
+    m, params = _method_in_task_1()
+    batch = _current_batch(m)
+    (raw_mem, y_mem, old_task), = m.old_memories
+    loss, logits, _ = m.joint_step(batch)
+    # by hand: one pass over [current; memory]; old task's loss on its slice, current loss on the rest
+    out = m.net(torch.cat([batch.x, m.engine.train_tf(raw_mem)]))
+    mem_loss = torch.nn.functional.cross_entropy(out[len(batch.y):], y_mem)
+    expected_old = torch.cat([g.reshape(-1) for g in torch.autograd.grad(mem_loss, params, retain_graph=True)])
+    assert torch.allclose(m.old_gradients[0], expected_old, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(loss, torch.nn.functional.cross_entropy(out[: len(batch.y)], batch.y), rtol=1e-5)
+    assert torch.allclose(logits, out[: len(batch.y)], rtol=1e-4, atol=1e-5)
+    # not the gradient of a pass over the memory alone: BatchNorm statistics differ
+    alone = m.memory_gradient(params, raw_mem, y_mem, old_task)
+    assert not torch.allclose(alone, expected_old, rtol=1e-3, atol=1e-5)
+
+
+def test_joint_mode_projects_against_the_shared_pass_gradients():
+    m, params = _method_in_task_1()
+    loss, _, _ = m.step(_current_batch(m))
+    loss.backward()
+    g = flat_grad(params)
+    g_old = m.old_gradients[0]
+    assert float(g @ g_old) < 0
+    m.project(params)
+    proj = flat_grad(params)
+    assert float(proj @ g_old) >= -1e-5 * float(g.norm() * g_old.norm())
+    assert not torch.equal(proj, g)
+
+
+@pytest.mark.parametrize("mode,passes", [("joint", 1), ("separate", 2)])
+def test_forward_passes_per_step(mode, passes):
+    """joint: BatchNorm sees one mixed batch per step; separate: one batch per task."""
+    m, params = _method_in_task_1(gem_memory_forward=mode)
+    bn = next(x for x in m.net.modules() if isinstance(x, torch.nn.BatchNorm2d))
+    before = int(bn.num_batches_tracked)
+    loss, _, _ = m.step(_current_batch(m))
+    loss.backward()
+    m.project(params)
+    assert int(bn.num_batches_tracked) - before == passes
 
 
 # ---------------------------------------------------------------- memory, options, reload
@@ -148,6 +197,8 @@ def test_config_checks(monkeypatch):
     make_method(memory_size=10, memory_per_class=2)
     with pytest.raises(UserError, match="gem_loss_scope"):
         make_method(gem_loss_scope="all")
+    with pytest.raises(UserError, match="gem_memory_forward"):
+        make_method(gem_memory_forward="both")
     monkeypatch.setitem(sys.modules, "quadprog", None)  # as if it were not installed
     with pytest.raises(UserError, match="pip install quadprog"):
         make_method()
@@ -200,3 +251,4 @@ def test_end_to_end_cli(tmp_path):
     state = torch.load(out / "checkpoints" / "task_2.pt", map_location="cpu", weights_only=False)
     cfg = build_config({k: v for k, v in state["config"].items()})
     assert cfg.gem_margin == 0.5 and cfg.gem_loss_scope == "seen" and cfg.gem_mem_batch == 8
+    assert cfg.gem_memory_forward == "joint"
