@@ -71,9 +71,9 @@ def plot_curves(args, methods, path: Path) -> None:
                         for seed in args.seeds])
         tasks = np.arange(1, acc.shape[1] + 1)
         mean, std = acc.mean(0), acc.std(0)
-        style = "-" if i < 10 else "--"  # the default colour cycle has 10 colours
-        ax.plot(tasks, mean, "o" + style, ms=3, label=method)
-        ax.fill_between(tasks, mean - std, mean + std, alpha=0.12)
+        colour = plt.cm.tab20(i % 20)  # distinct colours for up to 20 methods
+        ax.plot(tasks, mean, "o-" if i % 2 == 0 else "s--", ms=3, color=colour, label=method)
+        ax.fill_between(tasks, mean - std, mean + std, color=colour, alpha=0.08)
     ax.set_xlabel("after task")
     ax.set_ylabel("accuracy on all seen classes (%)")
     ax.set_xticks(tasks)
