@@ -47,12 +47,17 @@ def main():
     if args.plot:
         plot_curves(args, [m for m, _, _ in rows], Path(args.plot))
     for method, s, _ in rows:  # extra classifiers (iCaRL's NME), averaged over the seeds' results.json
-        runs = [json.loads((Path(args.out) / method / f"seed{seed}" / "results.json").read_text()) for seed in args.seeds]
+        runs = seed_results(args, method)
         for name in (runs[0].get("extra") or {}):
             avg = [r["extra"][name]["avg_acc"] for r in runs]
             last = [r["extra"][name]["last_acc"] for r in runs]
             print(f"{method} {name}: avg acc {statistics.mean(avg):.2f} ± {statistics.pstdev(avg):.2f}, "
                   f"last acc {statistics.mean(last):.2f} ± {statistics.pstdev(last):.2f}")
+
+
+def seed_results(args, method) -> list:
+    """results.json of each seed's run of `method`."""
+    return [json.loads((Path(args.out) / method / f"seed{seed}" / "results.json").read_text()) for seed in args.seeds]
 
 
 def plot_curves(args, methods, path: Path) -> None:
@@ -67,8 +72,7 @@ def plot_curves(args, methods, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for i, method in enumerate(methods):
-        acc = np.array([json.loads((Path(args.out) / method / f"seed{seed}" / "results.json").read_text())["acc"]
-                        for seed in args.seeds])
+        acc = np.array([r["acc"] for r in seed_results(args, method)])
         tasks = np.arange(1, acc.shape[1] + 1)
         mean, std = acc.mean(0), acc.std(0)
         colour = plt.cm.tab20(i % 20)  # distinct colours for up to 20 methods

@@ -17,10 +17,12 @@ import torch
 
 from dynammo.checkpoints import checkpoint_path, load_checkpoint, read_run_config
 from dynammo.console import Console
+from dynammo.metrics import ContinualMetrics
 from dynammo.runner import prepare
 
 
 def per_task_accuracy(method, engine, scenario, task, batch_stats: bool) -> dict:
+    """Accuracy on each seen task's test classes, with the framework's decision rule and metric."""
     test = scenario.test_data_seen(task)
     method.eval_mode()
     if batch_stats:
@@ -28,16 +30,14 @@ def per_task_accuracy(method, engine, scenario, task, batch_stats: bool) -> dict
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.train()
                 m.momentum = 0.0  # use the batch's statistics, keep the running ones
-    order = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))
-    preds = torch.empty(len(test), dtype=torch.long)
+        # shuffled, so that every batch mixes the seen classes (the test set is stored class by class)
+        test = test.subset(torch.randperm(len(test), generator=torch.Generator().manual_seed(0)))
     with torch.no_grad():
-        for i in range(0, len(test), 128):
-            idx = order[i: i + 128]
-            preds[idx] = method.predict(engine.test_tf(test.get(idx).to(engine.device)))["logits"].argmax(1).cpu()
-    y = test.labels
-    return {k.id + 1: round(100 * float((preds[(y >= k.start) & (y < k.end)] == y[(y >= k.start) & (y < k.end)])
-                                        .float().mean()), 2)
-            for k in scenario.tasks[: task.id + 1]}
+        out = engine.apply(method.predict, test)
+    pred = out["pred"].long() if "pred" in out else out["logits"].argmax(1)
+    metrics = ContinualMetrics([(t.start, t.end) for t in scenario.tasks])
+    metrics.add(task.id, test.labels, pred)
+    return {i + 1: round(a, 2) for i, a in enumerate(metrics.acc_matrix[0][: task.id + 1])}
 
 
 def wa_gamma(run_dir: Path, task: int) -> float:
