@@ -69,7 +69,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
 
-    cfg = load_config("configs/replay/mednist_cpu.yaml", [
+    cfg = load_config(["mednist_cpu", "replay"], ["seed=0",
         f"data_root={args.data_root}", f"max_train_per_class={args.per_class}", "max_test_per_class=10",
         f"batch_size={args.batch_size}", "epochs=1", "scheduler=none", f"device={args.device}", "progress=false"])
     device = resolve_device(cfg.device)

@@ -154,3 +154,34 @@ def write_npz():
         return path, arrays
 
     return write
+
+
+# ---------------------------------------------------------------- shared real runs
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """tiny_run(method) -> the run directory of a real `dynammo run` (in this process, one thread) of
+    `method` at method_helpers.TINY_RUN size; one run per method per session, shared by every test
+    that reads it (the contract tests and the methods' end-to-end tests). Treat it as read-only."""
+    import torch
+
+    from dynammo.cli import main
+    from method_helpers import tiny_run_args
+
+    runs = {}
+
+    def get(name: str) -> Path:
+        if name not in runs:
+            out = tmp_path_factory.mktemp("tiny_runs") / name
+            before = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                rc = main(["run", "--out", str(out), *tiny_run_args(name)])
+            finally:
+                torch.set_num_threads(before)
+            assert rc == 0, f"`dynammo run` of {name} failed (exit status {rc}); see the captured output"
+            runs[name] = out
+        return runs[name]
+
+    return get

@@ -41,3 +41,17 @@ def snapshot(module) -> dict:
 
 def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# The same size as a real `dynammo run` on the command line (augmentation on, as the digits protocol
+# has it), shared by tests/test_method_contract.py and the methods' end-to-end tests: every stage of
+# the method (epochs_finetune, epochs_bias, backbone_epochs, ...) trains for one epoch.
+TINY_RUN = dict(dataset="digits", backbone="resnet20", img_size=8, init_cls=4, increment=3, epochs=1, batch_size=16,
+                max_train_per_class=12, memory_size=30, seed=0, progress="false", plots="false",
+                tensorboard="false")
+
+
+def tiny_run_args(name: str, **kw) -> list:
+    """`key=value` arguments of a tiny `dynammo run` of method `name` (kw: more or other keys)."""
+    stage_epochs = {k: 1 for k in METHODS.get(name).options if k.startswith("epochs_") or k == "backbone_epochs"}
+    return [f"{k}={v}" for k, v in {"method": name, **TINY_RUN, **stage_epochs, **kw}.items()]

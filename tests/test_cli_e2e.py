@@ -234,7 +234,7 @@ needs_mednist = pytest.mark.skipif(not (SHARED / "mednist.tar.gz").is_file(),
 @needs_mednist
 def test_replay_config_on_real_mednist(tmp_path):
     out = tmp_path / "mednist"
-    proc = run_cli("run", "-c", str(ROOT / "configs/replay/mednist_cpu.yaml"), "--out", str(out),
+    proc = run_cli("run", "-c", "mednist_cpu", "-c", "replay", "--out", str(out), "seed=1993",
                    f"data_root={SHARED}", "epochs=1", "max_train_per_class=30", "max_test_per_class=30",
                    "img_size=32", "memory_size=30", "progress=false")
     assert proc.returncode == 0, proc.stderr

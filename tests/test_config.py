@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from dynammo import legacy
-from dynammo.config import DEFAULT_CONFIG, Option, build_config, load_config, parse_overrides, read_yaml
+from dynammo.config import Option, build_config, load_config, parse_overrides, read_yaml
+from dynammo.protocols import protocol_path, shipped_method_file
 from dynammo.errors import UserError
 from dynammo.methods import METHODS
 from dynammo.methods.base import Method
@@ -14,13 +15,13 @@ from dynammo.runner import seeds_of
 # ---------------------------------------------------------------- types
 
 
-def test_default_config_is_the_embedded_yaml():
+def test_default_config_is_the_digits_protocol_with_dynammo():
     cfg = load_config(None, [])
-    raw = read_yaml(DEFAULT_CONFIG)
+    raw = {**read_yaml(protocol_path("digits")), **read_yaml(shipped_method_file("dynammo", "digits"))}
     for key, value in raw.items():
         assert cfg[key] == value, key
-    # keys the YAML does not set get their declared defaults
-    assert cfg.normalize == "dataset" and cfg.augment is True and cfg.class_order is None
+    # keys the YAML files do not set get their declared defaults
+    assert cfg.normalize == "auto" and cfg.augment is True and cfg.class_order is None
 
 
 def test_overrides_are_typed():

@@ -26,7 +26,7 @@ def dynammo_mednist(tmp_path_factory):
         pytest.skip(f"real MedNIST not found at {SHARED} (the ../shared/data folder)")
     root = tmp_path_factory.mktemp("deploy")
     run_dir, model = root / "run", root / "model.pt"
-    proc = run_cli("run", "-c", "configs/dynammo/mednist_cpu.yaml", "--out", str(run_dir), f"data_root={SHARED}",
+    proc = run_cli("run", "-c", "mednist_cpu", "-c", "dynammo", "--out", str(run_dir), f"data_root={SHARED}", "seed=1993",
                    "backbone=resnet20", "img_size=32", "max_train_per_class=30", "max_test_per_class=20",
                    "memory_size=30", "epochs_finetune=1", "backbone_epochs=2", *SMALL)
     assert proc.returncode == 0, proc.stderr

@@ -14,19 +14,15 @@ import torch
 from dynammo.config import build_config
 from dynammo.engine import Batch
 from dynammo.errors import UserError
-from dynammo.methods.gem import flat_grad, project_to_cone
+from dynammo.methods.gem import flat_grad, project_to_cone, write_grad
 
 import method_helpers
 from method_helpers import run_task
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(dataset="digits", backbone="resnet20", img_size=8, init_cls=4, increment=3, epochs=1, batch_size=16,
-            max_train_per_class=12, memory_size=30, seed=0, progress="false", augment=False)
-
-
 def make_method(**kw):
-    return method_helpers.make_method("gem", TINY, **kw)
+    return method_helpers.make_method("gem", method_helpers.TINY, **{"opt_mom": 0.0, "weight_decay": 0.0, **kw})
 
 
 # ---------------------------------------------------------------- the quadratic program
@@ -104,8 +100,32 @@ def test_hook_keeps_a_harmless_gradient_and_projects_a_harmful_one(monkeypatch):
     assert torch.equal(after[5:], -torch.ones(n - 5))  # only the constrained directions change
 
 
+def test_weight_decay_is_projected_with_the_gradient_not_added_by_the_optimiser(monkeypatch):
+    m, params = _method_in_task_1(gem_memory_forward="separate", weight_decay=0.01)
+    seen = {}
+    monkeypatch.setattr(m.engine, "fit", lambda params, data, loss, settings, **kw: seen.update(s=settings, **kw))
+    m.train_task(m.current)
+    assert seen["s"].weight_decay == 0.0 and m.weight_decay == 0.01  # the optimiser adds nothing after the hook
+    m.old_memories = m.load_old_memories(m.current)
+    n = sum(p.numel() for p in params)
+    theta = torch.cat([p.detach().reshape(-1) for p in params])
+    g_old = torch.zeros(n)
+    g_old[:5] = 1.0
+    monkeypatch.setattr(m, "memory_gradient", lambda *a: g_old.clone())
+    for p in params:
+        p.grad = torch.full_like(p, 10.0)  # harmless with or without the decay term
+    m.project(params)
+    assert torch.allclose(flat_grad(params), 10.0 + 0.01 * theta)
+    for p in params:  # harmful: g + wd·θ is what gets projected
+        p.grad = torch.full_like(p, -10.0)
+    m.project(params)
+    after = flat_grad(params)
+    assert float(after @ g_old) >= -1e-5
+    assert torch.allclose(after[5:], -10.0 + 0.01 * theta[5:])
+
+
 def test_hook_on_real_gradients_of_the_network():
-    m, params = _method_in_task_1(gem_memory_forward="separate")
+    m, params = _method_in_task_1(gem_memory_forward="separate", gem_loss_scope="seen")
     data = m.scenario.train_data(m.current)
     idx = torch.arange(16)
     raw = data.get(idx)
@@ -132,7 +152,7 @@ def _current_batch(m, n=16):
 
 
 def test_joint_step_takes_each_old_gradient_from_one_shared_forward_pass():
-    m, params = _method_in_task_1()
+    m, params = _method_in_task_1(gem_memory_forward="joint", gem_loss_scope="seen")
     batch = _current_batch(m)
     (raw_mem, y_mem, old_task), = m.old_memories
     loss, logits, _ = m.joint_step(batch)
@@ -149,11 +169,14 @@ def test_joint_step_takes_each_old_gradient_from_one_shared_forward_pass():
 
 
 def test_joint_mode_projects_against_the_shared_pass_gradients():
-    m, params = _method_in_task_1()
+    m, params = _method_in_task_1(gem_memory_forward="joint", gem_loss_scope="seen")
     loss, _, _ = m.step(_current_batch(m))
     loss.backward()
     g = flat_grad(params)
     g_old = m.old_gradients[0]
+    if float(g @ g_old) >= 0:  # make the step harmful for the old task: reflect g along g_old
+        g = g - (2 * (g @ g_old) / (g_old @ g_old) + 0.1) * g_old
+        write_grad(params, g)
     assert float(g @ g_old) < 0
     m.project(params)
     proj = flat_grad(params)
@@ -250,5 +273,28 @@ def test_end_to_end_cli(tmp_path):
     assert all(c["memory_bytes"] > 0 and c["params_trainable"] == c["params_total"] for c in r["cost"])
     state = torch.load(out / "checkpoints" / "task_2.pt", map_location="cpu", weights_only=False)
     cfg = build_config({k: v for k, v in state["config"].items()})
-    assert cfg.gem_margin == 0.5 and cfg.gem_loss_scope == "seen" and cfg.gem_mem_batch == 8
-    assert cfg.gem_memory_forward == "joint"
+    # the paper's procedure by default; the subsampled memory batch is a recorded deviation
+    assert cfg.gem_margin == 0.5 and cfg.gem_loss_scope == "task" and cfg.gem_mem_batch == 8
+    assert cfg.gem_memory_forward == "separate"
+    assert r["label"] == "gem [gem_mem_batch=8]"
+    assert any(d.startswith("gem_mem_batch=8 instead of the paper's None") for d in r["deviations"])
+
+
+def test_the_joint_batchnorm_variant_is_labelled_and_recorded():
+    cfg = build_config({"method": "gem", "dataset": "digits", "memory_size": 30, "opt_mom": 0,
+                        "gem_memory_forward": "joint"})
+    from dynammo.methods import METHODS
+
+    assert METHODS.get("gem").label(cfg) == "gem [gem_memory_forward=joint]"
+    assert any("gem_memory_forward=joint instead of the paper's separate" in d
+               for d in METHODS.get("gem").deviations(cfg))
+
+
+@pytest.mark.parametrize("bad", [["opt_mom=0.9"], ["opt_type=adam", "opt_mom=0"]])
+def test_gem_refuses_an_optimiser_that_is_not_plain_sgd(tmp_path, capsys, bad):
+    from dynammo.cli import main
+
+    rc = main(["run", "--out", str(tmp_path / "r"), "method=gem", "dataset=digits", "memory_size=30", *bad])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and not (tmp_path / "r").exists()
+    assert len(err) == 1 and "needs plain SGD (opt_type=sgd, opt_mom=0)" in err[0]

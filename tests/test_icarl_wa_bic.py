@@ -408,7 +408,7 @@ needs_mednist = pytest.mark.skipif(not (SHARED / "mednist.tar.gz").is_file(),
 @pytest.mark.parametrize("name", ["icarl", "wa", "bic"])
 def test_cpu_config_on_real_mednist(tmp_path, name):
     out = tmp_path / name
-    proc = run_cli("run", "-c", str(ROOT / f"configs/{name}/mednist_cpu.yaml"), "--out", str(out),
+    proc = run_cli("run", "-c", "mednist_cpu", "-c", name, "--out", str(out), "seed=1993",
                    f"data_root={SHARED}", "epochs=1", "max_train_per_class=30", "max_test_per_class=30",
                    "img_size=32", "memory_size=30", "progress=false", "plots=false", "tensorboard=false")
     assert proc.returncode == 0, proc.stderr

@@ -92,7 +92,7 @@ def test_task_il_predictions_restrict_to_the_true_task():
 
 def test_continual_metrics_by_hand():
     m = ContinualMetrics([(0, 2), (2, 4)])
-    m.add(0, Y0, P0)
+    m.add(0, Y0, P0, extra_preds={"cnn": torch.as_tensor(Y0)})
     assert m.acc_matrix == [[pytest.approx(80.0), None]]
     assert m.acc == [pytest.approx(80.0)]
     assert m.mcr == [pytest.approx(75.0)]  # (3/3 + 1/2) / 2
@@ -101,7 +101,7 @@ def test_continual_metrics_by_hand():
     y1 = torch.as_tensor(Y1)
     pred = SCORES1.argmax(1)
     til = task_il_predictions(SCORES1, y1, [(0, 2), (2, 4)])
-    m.add(1, y1, pred, til, extra_preds={"nme": torch.as_tensor(Y1)})
+    m.add(1, y1, pred, til, extra_preds={"cnn": pred})
     # task 0 classes: preds [0, 2, 1, 1] on [0, 0, 1, 1] -> 3/4; task 1: [2, 2, 3, 2, 3, 0] -> 4/6
     assert m.acc_matrix[1] == [pytest.approx(75.0), pytest.approx(400 / 6)]
     # sample-weighted over all 10 samples: 7/10 (not the mean of the two task accuracies)
@@ -109,7 +109,10 @@ def test_continual_metrics_by_hand():
     # class recalls 1/2, 2/2, 3/4, 1/2 -> 68.75
     assert m.mcr[1] == pytest.approx(68.75)
     assert m.task_il_acc == [pytest.approx(80.0)]
-    assert m.extra == {"nme": [pytest.approx(100.0)]}
+    # the extra classifier gets every metric: perfect after task 1, then the headline's predictions
+    cnn = m.extra["cnn"]
+    assert cnn.acc_matrix == [[100.0, None], [pytest.approx(75.0), pytest.approx(400 / 6)]]
+    assert cnn.acc == [100.0, pytest.approx(70.0)] and cnn.mcr[1] == pytest.approx(68.75)
     assert m.last_confusion.tolist() == [
         [1, 0, 1, 0],
         [0, 2, 0, 0],
@@ -122,7 +125,13 @@ def test_continual_metrics_by_hand():
     assert s["forgetting"] == pytest.approx(80.0 - 75.0)
     assert s["bwt"] == pytest.approx(75.0 - 80.0)
     assert s["task_il_acc"] == [pytest.approx(80.0)]
-    assert s["extra"]["nme"]["last_acc"] == pytest.approx(100.0)
+    e = s["extra"]["cnn"]
+    assert e["avg_acc"] == pytest.approx(85.0) and e["last_acc"] == pytest.approx(70.0)
+    assert e["forgetting"] == pytest.approx(100.0 - 75.0) and e["bwt"] == pytest.approx(75.0 - 100.0)
+    assert "task_il_acc" not in e
+    restored = ContinualMetrics(m.bounds)
+    restored.load_state_dict(json.loads(json.dumps(m.state_dict())))
+    assert restored.summary() == s
     json.dumps(s, allow_nan=False)  # what results.json needs: plain floats and None
 
 

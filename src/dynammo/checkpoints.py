@@ -20,6 +20,7 @@ from dynammo.data.transforms import BatchTransform
 from dynammo.engine import Engine, resolve_device
 from dynammo.errors import UserError
 from dynammo.methods import METHODS
+from dynammo.methods.base import check_eval_mode
 
 _CHECKPOINT = re.compile(r"task_(\d+)\.pt$")
 
@@ -97,4 +98,5 @@ def restore_method(cfg: Config, ckpt: dict, device: str = "cpu"):
     method = METHODS.get(cfg.method)(cfg, engine, skeleton_scenario(record))
     method.load_state_dict(ckpt["state"])
     method.eval_mode()
+    check_eval_mode(method)
     return method

@@ -116,6 +116,7 @@ def _cmd_list(args) -> int:
     from dynammo.data.datasets import DATASETS
     from dynammo.methods import METHODS
     from dynammo.models.backbones import BACKBONES
+    from dynammo.protocols import describe, methods_tuned_for, protocol_names, protocol_path
 
     if args.keys:
         print("config keys (type, default):")
@@ -128,6 +129,11 @@ def _cmd_list(args) -> int:
                 for key, opt in opts.items():
                     print(f"  {key:<20} {opt.kind:<12} {opt.default!r:<12} {opt.help}")
         return 0
+    print("protocols (dynammo run -c PROTOCOL -c METHOD; methods tuned for it in brackets):")
+    for name in protocol_names():
+        tuned = methods_tuned_for(name)
+        tuned_txt = "all methods" if len(tuned) == len(METHODS.names()) else ", ".join(tuned)
+        print(f"  {name:<15} {describe(protocol_path(name))} [{tuned_txt}]")
     print("methods:")
     for name in METHODS.names():
         cls = METHODS.get(name)
@@ -149,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dynammo", description="Class-incremental learning for medical imaging.")
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("run", help="train a method task after task and write a run directory")
-    run.add_argument("-c", "--config", help="YAML config (default: the embedded DynaMMo-on-digits default)")
+    run.add_argument("-c", "--config", action="append", default=[],
+                     help="a protocol name, a method name or a YAML file; repeat it: -c PROTOCOL -c METHOD "
+                          "(default: -c digits -c dynammo; see `dynammo list`)")
     run.add_argument("--out", help="run directory (default: runs/<method>_<dataset>_<time>)")
     run.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: auto)")
     run.add_argument("overrides", nargs="*", help="key=value overrides of config keys")
@@ -165,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
     evaluate.set_defaults(func=_cmd_eval)
     cost = sub.add_parser("cost", help="inference GFLOPs, parameters and memory per task count, without training")
-    cost.add_argument("-c", "--config", help="YAML config (default: the embedded default)")
+    cost.add_argument("-c", "--config", action="append", default=[],
+                      help="a protocol name, a method name or a YAML file; repeat it: -c PROTOCOL -c METHOD")
     cost.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: auto)")
     cost.add_argument("--json", action="store_true", help="print the rows as JSON")
     cost.add_argument("overrides", nargs="*", help="key=value overrides of config keys")
@@ -181,16 +190,34 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--csv", action="store_true", help="print CSV (image,class,class_id,confidence)")
     predict.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     predict.set_defaults(func=_cmd_predict)
-    lst = sub.add_parser("list", help="show methods, datasets and backbones")
+    lst = sub.add_parser("list", help="show protocols, methods, datasets and backbones")
     lst.add_argument("--keys", action="store_true", help="list every config key with its type and default")
     lst.set_defaults(func=_cmd_list)
     return parser
 
 
+def parse_command_line(parser: argparse.ArgumentParser, argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """`parser.parse_args`, except that `key=value` overrides may come anywhere on the line
+    (`dynammo run method=replay --device cpu epochs=1`), for every command that takes them; they keep
+    their order (a later one wins). Anything else unrecognised is still argparse's error (exit 2)."""
+    args, extra = parser.parse_known_args(argv)
+    overrides = [t for t in extra if not t.startswith("-") and "=" in t]
+    rest = [t for t in extra if t not in overrides]
+    if overrides and hasattr(args, "overrides"):
+        args.overrides = list(args.overrides or []) + overrides
+    else:
+        rest = extra
+    if rest:
+        subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        owner = subparsers[0].choices.get(args.command, parser) if subparsers and args.command else parser
+        owner.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_command_line(parser, argv)
     if args.command is None:
         parser.print_help()
         return 2

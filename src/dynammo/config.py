@@ -17,7 +17,9 @@ import yaml
 from dynammo.errors import UserError
 from dynammo.registry import closest
 
-DEFAULT_CONFIG = Path(__file__).parent / "defaults" / "default.yaml"
+
+
+NOT_DECLARED = object()  # an Option without a paper value
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,35 @@ class Option:
     choices: tuple = ()
     min: Optional[float] = None
     nullable: bool = False
+    # the valid range of a number (of every item of a list): [min, max], an end left out when
+    # min_open / max_open (0 < test_fraction < 1); `nonempty` / `unique` constrain a list value
+    max: Optional[float] = None
+    min_open: bool = False
+    max_open: bool = False
+    nonempty: bool = False
+    unique: bool = False
+    # the value of the method's paper (or the reference implementation's, where METHODS.md says so);
+    # a run with another value records it in results.json `deviations` and in its label
+    faithful: Any = NOT_DECLARED
+
+    def range_text(self) -> str:
+        """The declared range in words ('> 0', 'in [0, 1)', ...); '' when unbounded."""
+        lo, hi = (None if x is None else (str(int(x)) if float(x).is_integer() else f"{x:g}")
+                  for x in (self.min, self.max))
+        if lo is not None and hi is not None:
+            return f"in {'(' if self.min_open else '['}{lo}, {hi}{')' if self.max_open else ']'}"
+        if lo is not None:
+            return f"{'>' if self.min_open else '>='} {lo}"
+        if hi is not None:
+            return f"{'<' if self.max_open else '<='} {hi}"
+        return ""
+
+    def in_range(self, x) -> bool:
+        if self.min is not None and (x <= self.min if self.min_open else x < self.min):
+            return False
+        if self.max is not None and (x >= self.max if self.max_open else x > self.max):
+            return False
+        return True
 
 
 def _fail(key, want, value):
@@ -55,7 +86,10 @@ def _as_float(key, v):
     if isinstance(v, bool):
         _fail(key, "a number", v)
     if isinstance(v, (int, float)):
-        v = float(v)
+        try:
+            v = float(v)
+        except OverflowError:  # an int too large for a float
+            _fail(key, "a finite number", v)
     elif isinstance(v, str):  # PyYAML reads 1e-3 (no dot) as a string
         try:
             v = float(v)
@@ -115,8 +149,9 @@ def coerce(key: str, opt: Option, v: Any) -> Any:
             _fail(key, "auto, true or false", v)
         v = v.lower()
     elif k == "pretrained":
-        if not isinstance(v, bool):
-            v = _as_str(key, v)
+        if not isinstance(v, (bool, str)):
+            _fail(key, "false, true or the path of a weights file", v)
+        if isinstance(v, str):
             low = v.lower()
             if low in ("true", "false"):
                 v = low == "true"
@@ -131,41 +166,55 @@ def coerce(key: str, opt: Option, v: Any) -> Any:
                 )
         if isinstance(v, str):
             v = v.lower()
-    if opt.min is not None:
-        vals = v if isinstance(v, list) else [v]
-        for x in vals:
-            if isinstance(x, (int, float)) and x < opt.min:
-                _fail(key, f">= {opt.min:g}", x)
+    if isinstance(v, list):
+        if opt.nonempty and not v:
+            _fail(key, "a non-empty list", v)
+        if opt.unique and len(set(map(repr, v))) != len(v):
+            _fail(key, "a list without repeated items", v)
+    if opt.min is not None or opt.max is not None:
+        for x in v if isinstance(v, list) else [v]:
+            if isinstance(x, (int, float)) and not isinstance(x, bool) and not opt.in_range(x):
+                _fail(key, opt.range_text(), x)
     return v
 
 
 # The framework's own keys. Method-specific keys live in each method's `options`.
 OPTIONS: Dict[str, Option] = {
     "method": Option("str", "replay", "continual-learning method (see `dynammo list`)"),
-    "dataset": Option("str_or_list", "digits", "dataset name, or a list for a dataset-per-task stream"),
+    "protocol": Option("str", None, "name of the protocol the run follows (set by the protocol file; see `dynammo list`)"),
+    "metric": Option("str", "acc", "the headline metric of the protocol: acc (accuracy) | mcr (mean class recall)",
+                     choices=("acc", "mcr")),
+    "dataset": Option("str_or_list", "digits", "dataset name, or a list for a dataset-per-task stream",
+                      nonempty=True),
     "data_root": Option("str", "data", "folder holding the dataset files"),
     "backbone": Option("str", "resnet18", "feature extractor (see `dynammo list`)"),
     "pretrained": Option("pretrained", False, "false | true (download) | path to a torchvision/timm state dict"),
-    "img_size": Option("int", None, "resize images to this side length (default: the dataset's own)", min=4),
+    "img_size": Option("int", None, "resize images to this side length (default: the dataset's own)",
+                      min=4, max=8192),
     "init_cls": Option("int", 2, "classes in the first task", min=1),
-    "increment": Option("int_or_list", 2, "classes per later task, or the list of all task sizes", min=1),
+    "increment": Option("int_or_list", 2, "classes per later task, or the list of all task sizes", min=1,
+                        nonempty=True),
     "shuffle": Option("bool", True, "shuffle the class order with the seed (ignored when class_order is set)"),
-    "class_order": Option("int_list", None, "explicit class order (class ids)"),
-    "seed": Option("int_or_list", 1993, "random seed, or a list: one run per seed"),
+    "class_order": Option("int_list", None, "explicit class order (class ids)", min=0, nonempty=True,
+                          unique=True),
+    "seed": Option("int_or_list", 1993, "random seed, or a list: one run per seed", min=0,
+                   max=2**32 - 1, nonempty=True, unique=True),
     "epochs": Option("int", 10, "training epochs per task", min=1),
     "batch_size": Option("int", 32, "training batch size", min=1),
     "eval_batch_size": Option("int", 256, "evaluation batch size", min=1),
     "opt_type": Option("str", "sgd", "optimiser", choices=("sgd", "adam", "adamw")),
-    "lrate": Option("float", 0.01, "learning rate", min=0.0),
+    "lrate": Option("float", 0.01, "learning rate", min=0.0, min_open=True),
     "weight_decay": Option("float", 5e-4, "weight decay", min=0.0),
-    "opt_mom": Option("float", 0.9, "SGD momentum", min=0.0),
+    "opt_mom": Option("float", 0.9, "SGD momentum", min=0.0, max=1.0, max_open=True),
     "scheduler": Option("str", "multi_step", "learning-rate schedule", choices=("multi_step", "cos", "none")),
     "milestones": Option("int_list", [], "epochs at which multi_step decays the rate", min=1),
-    "lrate_decay": Option("float", 0.1, "multi_step decay factor", min=0.0),
+    "lrate_decay": Option("float", 0.1, "multi_step decay factor", min=0.0, min_open=True, max=1.0),
     "init_epochs": Option("int", None, "epochs of the first task (default: epochs)", min=1),
-    "init_lrate": Option("float", None, "learning rate of the first task (default: lrate)", min=0.0),
+    "init_lrate": Option("float", None, "learning rate of the first task (default: lrate)", min=0.0,
+                          min_open=True),
     "init_milestones": Option("int_list", None, "multi_step milestones of the first task (default: milestones)", min=1),
-    "init_lrate_decay": Option("float", None, "decay factor of the first task (default: lrate_decay)", min=0.0),
+    "init_lrate_decay": Option("float", None, "decay factor of the first task (default: lrate_decay)",
+                               min=0.0, min_open=True, max=1.0),
     "init_weight_decay": Option("float", None, "weight decay of the first task (default: weight_decay)", min=0.0),
     "memory_size": Option("int", 0, "total exemplar budget split over seen classes (0: none)", min=0),
     "memory_per_class": Option("int", None, "fixed exemplars per class (overrides memory_size)", min=1),
@@ -173,14 +222,17 @@ OPTIONS: Dict[str, Option] = {
                               choices=("herding", "random", "closest_to_mean", "reservoir")),
     "device": Option("str", "auto", "auto | cpu | cuda | cuda:N | mps"),
     "amp": Option("bool", False, "mixed precision (bfloat16 on CPU, float16 on CUDA)"),
-    "num_workers": Option("int", 0, "data-loading workers for file-backed datasets", min=0),
+    "num_workers": Option("int", 0, "data-loading workers for file-backed datasets", min=0,
+                          max=256),
     "max_train_per_class": Option("int", None, "seeded subsample of each class's training images", min=1),
     "max_test_per_class": Option("int", None, "seeded subsample of each class's test images", min=1),
     "download": Option("bool", True, "download missing dataset files (MedMNIST, CIFAR) when online"),
-    "test_fraction": Option("float", 0.2, "test share for datasets without an official split", min=0.0),
+    "test_fraction": Option("float", 0.2, "test share for datasets without an official split",
+                            min=0.0, max=1.0, min_open=True, max_open=True),
     "augment": Option("bool", True, "default training augmentation (random crop + horizontal flip)"),
-    "normalize": Option("str", "dataset", "per-channel normalisation statistics",
-                        choices=("dataset", "imagenet", "none")),
+    "normalize": Option("str", "auto", "per-channel normalisation statistics: auto (imagenet with pretrained "
+                                        "weights, else dataset) | dataset (a seeded sample of the training set) | "
+                                        "imagenet | none", choices=("auto", "dataset", "imagenet", "none")),
     "in_memory": Option("auto_bool", "auto", "hold decoded images in memory: auto | true | false"),
     "save_checkpoints": Option("bool", True, "write a checkpoint after every task"),
     "checkpoint_every": Option("int", 0, "also write a checkpoint inside a task every N epochs of each stage "
@@ -304,18 +356,13 @@ def build_config(raw: dict, notices: Optional[list] = None) -> Config:
     return cfg
 
 
-def load_config(path=None, overrides: Iterable[str] = (), extra: Optional[dict] = None, notices=None) -> Config:
-    """File (or the embedded default) + overrides -> validated Config."""
-    raw = read_yaml(path if path is not None else DEFAULT_CONFIG)
-    user = dict(extra or {})
-    user.update(parse_overrides(overrides))
-    if path is None and "method" in user:
-        # The embedded default's method-specific keys only apply to its own method.
-        from dynammo.methods import METHODS
+def load_config(sources=None, overrides: Iterable[str] = (), extra: Optional[dict] = None, notices=None) -> Config:
+    """`-c` sources (YAML paths, protocol names, method names; none: the embedded default) +
+    overrides -> validated Config. See protocols.py for how they compose."""
+    from dynammo.protocols import compose
 
-        method = METHODS.canonical(coerce("method", OPTIONS["method"], user["method"]))
-        allowed = set(OPTIONS) | set(method_options(method))
-        raw = {k: v for k, v in raw.items() if k in allowed}
-    raw.update(user)
-    return build_config(raw, notices)
-
+    if sources is None:
+        sources = []
+    elif isinstance(sources, (str, Path)):
+        sources = [str(sources)]
+    return build_config(compose([str(s) for s in sources], overrides, extra, notices), notices)

@@ -36,11 +36,14 @@ def structure_costs(method, scenario, example: torch.Tensor) -> list:
     """Per task count T: inference GFLOPs per image and parameters of the model as it stands after
     T tasks, and the exemplar memory it may hold, with the structure built by `method.grow` (no
     training, so the numbers depend on the config only)."""
+    from dynammo.methods.base import check_eval_mode
+
     rows = []
     per_image_bytes = example[0].numel()  # uint8 exemplars: one byte per value
     for task in scenario.tasks:
         method.grow(task)
         method.eval_mode()
+        check_eval_mode(method)
         exemplars = method.memory_budget(task.end)
         rows.append({"tasks": task.id + 1, "classes": task.end, "inference_gflops": gflops_per_image(method.predict, example),
                      "params_total": count_params([method.net]), "memory_exemplars": exemplars,

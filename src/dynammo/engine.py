@@ -2,6 +2,7 @@
 the one `fit` every method and every stage of a method trains with."""
 from __future__ import annotations
 
+import functools
 import math
 import random
 import time
@@ -16,7 +17,7 @@ from dynammo.console import Console
 from dynammo.data.imageset import ImageSet
 from dynammo.data.loader import epoch_order, iterate_batches, num_batches
 from dynammo.data.transforms import BatchTransform
-from dynammo.errors import RunInterrupted, UserError
+from dynammo.errors import RunInterrupted, UserError, is_allocation_failure
 from dynammo.journal import FitJournal
 
 
@@ -106,6 +107,25 @@ class Batch:
 LossFn = Callable[[Batch], Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]]
 
 
+def _allocation_guard(batch_key: str):
+    """A failed allocation inside (CPU allocator, CUDA out of memory) -> one line naming the keys
+    that size it, not a traceback."""
+    def deco(fn):
+        @functools.wraps(fn)
+        def guarded(self, *args, **kwargs):
+            try:
+                return fn(self, *args, **kwargs)
+            except (MemoryError, RuntimeError) as exc:
+                if not is_allocation_failure(exc):
+                    raise
+                cfg = self.cfg
+                raise UserError(f"out of memory on {self.device} ({exc.__class__.__name__}) at {batch_key}="
+                                f"{cfg.get(batch_key)}, img_size={cfg.get('img_size')}, backbone {cfg.get('backbone')}; "
+                                f"lower {batch_key} or img_size") from None
+        return guarded
+    return deco
+
+
 class Engine:
     def __init__(self, cfg, console: Console, device: torch.device, seed: int):
         self.cfg = cfg
@@ -117,6 +137,7 @@ class Engine:
         self.tb = None  # a SummaryWriter, set by the runner
         self.task_label = ""
         self.trained_params: Dict[int, int] = {}  # id -> numel of every parameter trained this task
+        self.stages: List[dict] = []  # the fit stages of this task: stage, epochs, images
         self.last_optimizer_state: Optional[dict] = None
         self._tb_step: Dict[str, int] = {}
         self.amp = bool(cfg.get("amp", False))
@@ -136,6 +157,7 @@ class Engine:
         dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
         return torch.autocast(self.device.type, dtype=dtype)
 
+    @_allocation_guard("batch_size")
     def fit(self, params: Iterable[nn.Parameter], data: ImageSet, loss_fn: LossFn, settings: OptimSettings,
             stage: str = "train", before_step: Optional[Callable[[], None]] = None, augment: bool = True,
             after_step: Optional[Callable[[], None]] = None) -> dict:
@@ -150,6 +172,8 @@ class Engine:
             raise UserError(f"stage {stage} of {self.task_label} has no training images; check the split and memory settings")
         for p in params:
             self.trained_params[id(p)] = p.numel()
+        # the training budget, as tables print it: epochs and images through the network per stage
+        self.stages.append({"stage": stage, "epochs": settings.epochs, "images": settings.epochs * len(data)})
         journal = self.journal
         index = journal.index if journal else 0
         if journal:
@@ -279,6 +303,7 @@ class Engine:
             self.tb.add_scalar(tag, value, step)
             self._tb_step[tag] = step + 1
 
+    @_allocation_guard("eval_batch_size")
     @torch.no_grad()
     def apply(self, fn: Callable[[torch.Tensor], object], data: ImageSet, batch_size: Optional[int] = None):
         """Run fn on every (test-transformed) batch of data; returns the outputs concatenated

@@ -76,7 +76,8 @@ class ContinualMetrics:
         self.acc: List[float] = []
         self.mcr: List[float] = []
         self.task_il_acc: List[float] = []
-        self.extra: Dict[str, List[float]] = {}
+        # extra classifiers (iCaRL's CNN head beside its NME): the same metrics, each its own set
+        self.extra: Dict[str, "ContinualMetrics"] = {}
         self.last_confusion: Optional[np.ndarray] = None
 
     def add(self, j: int, y_true, y_pred, y_pred_task_il=None, extra_preds: Optional[dict] = None) -> None:
@@ -95,17 +96,21 @@ class ContinualMetrics:
         if y_pred_task_il is not None:
             self.task_il_acc.append(accuracy(y_true, y_pred_task_il))
         for name, pred in (extra_preds or {}).items():
-            self.extra.setdefault(name, []).append(accuracy(y_true, pred))
+            self.extra.setdefault(name, ContinualMetrics(self.bounds)).add(j, y_true, pred)
         self.last_confusion = confusion_matrix(y_true, y_pred, seen_end)
 
     def state_dict(self) -> dict:
         return {"acc_matrix": self.acc_matrix, "acc": self.acc, "mcr": self.mcr, "task_il_acc": self.task_il_acc,
-                "extra": self.extra,
+                "extra": {name: m.state_dict() for name, m in self.extra.items()},
                 "last_confusion": None if self.last_confusion is None else self.last_confusion.tolist()}
 
     def load_state_dict(self, state: dict) -> None:
         self.acc_matrix, self.acc, self.mcr = state["acc_matrix"], state["acc"], state["mcr"]
-        self.task_il_acc, self.extra = state["task_il_acc"], state["extra"]
+        self.task_il_acc = state["task_il_acc"]
+        self.extra = {}
+        for name, sub in state["extra"].items():
+            self.extra[name] = ContinualMetrics(self.bounds)
+            self.extra[name].load_state_dict(sub)
         conf = state["last_confusion"]
         self.last_confusion = None if conf is None else np.asarray(conf, dtype=np.int64)
 
@@ -123,5 +128,6 @@ class ContinualMetrics:
             "bwt": bwt(self.acc_matrix),
         }
         if self.extra:
-            out["extra"] = {k: {"acc": v, "avg_acc": float(np.mean(v)), "last_acc": v[-1]} for k, v in self.extra.items()}
+            out["extra"] = {name: {k: v for k, v in m.summary().items() if k != "task_il_acc"}
+                            for name, m in self.extra.items()}
         return out

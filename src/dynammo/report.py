@@ -172,6 +172,24 @@ def format_table(results: dict) -> str:
         t = f"{til[j]:7.1f}" if j < len(til) else "      -"
         lines.append(f"{j + 1:>10} | {cells} | {results['acc'][j]:5.1f} {results['mcr'][j]:6.1f} {t}")
     f = results.get("forgetting")
-    lines.append(f"avg acc {results['avg_acc']:.2f}  last acc {results['last_acc']:.2f}"
+    lines.append(f"avg acc {results['avg_acc']:.2f}  last acc {results['last_acc']:.2f}  "
+                 f"avg mcr {results['avg_mcr']:.2f}  last mcr {results['last_mcr']:.2f}"
                  + (f"  forgetting {f:.2f}  bwt {results['bwt']:.2f}" if f is not None else ""))
+    for name, extra in (results.get("extra") or {}).items():
+        lines.append(f"  {name} classifier: avg acc {extra['avg_acc']:.2f}  last acc {extra['last_acc']:.2f}")
+    lines += run_identity_lines(results)
     return "\n".join(lines)
+
+
+def run_identity_lines(results: dict) -> List[str]:
+    """What a table must say beside the numbers: the protocol (and where the run departs from it),
+    the method's label and every deviation from its paper."""
+    p = results.get("protocol") or {}
+    departs = p.get("departs") or {}
+    line = f"protocol {p.get('name') or '(none named)'} #{p.get('hash', '?')}, headline {results.get('metric', 'acc')}"
+    if departs:
+        line += "; departs from it in " + ", ".join(f"{k}={v['run']!r} (protocol: {v['protocol']!r})"
+                                                      for k, v in departs.items())
+    out = [f"{results.get('label', results['method'])}: {line}"]
+    out += [f"deviation: {d}" for d in results.get("deviations") or []]
+    return out

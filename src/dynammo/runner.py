@@ -24,6 +24,8 @@ from dynammo.errors import RunInterrupted, UserError
 from dynammo.journal import FitJournal, rng_state, set_rng_state
 from dynammo.metrics import ContinualMetrics, accuracy, task_il_predictions
 from dynammo.methods import METHODS
+from dynammo.methods.base import check_eval_mode
+from dynammo.protocols import protocol_record
 from dynammo.report import RunWriter, check_run_dir, format_table, make_plots, versions
 from dynammo.io import write_json_atomic
 
@@ -51,17 +53,38 @@ def run_experiment(cfg: Config, out: Optional[Path], console: Console) -> List[d
     if len(seeds) > 1:
         summary = summarize(results)
         write_json_atomic(out / "summary.json", summary)
-        console.print(f"over {len(seeds)} seeds: avg acc {summary['avg_acc']['mean']:.2f} ± {summary['avg_acc']['std']:.2f}, "
-                      f"last acc {summary['last_acc']['mean']:.2f} ± {summary['last_acc']['std']:.2f}")
+        m = summary["metric"]
+        console.print(f"over {len(seeds)} seeds (mean ± sample std): avg {m} {summary[f'avg_{m}']['mean']:.2f} ± "
+                      f"{summary[f'avg_{m}']['std']:.2f}, last {m} {summary[f'last_{m}']['mean']:.2f} ± "
+                      f"{summary[f'last_{m}']['std']:.2f}")
     return results
 
 
+SUMMARY_KEYS = ("avg_acc", "last_acc", "avg_mcr", "last_mcr", "forgetting", "bwt")
+
+
+def mean_std(vals: List[float]) -> dict:
+    """Mean and the sample standard deviation (ddof=1, as papers report; None for one value)."""
+    return {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else None,
+            "values": vals}
+
+
 def summarize(results: List[dict]) -> dict:
-    out = {"method": results[0]["method"], "dataset": results[0]["dataset"], "seeds": [r["seed"] for r in results]}
-    for key in ("avg_acc", "last_acc", "avg_mcr", "last_mcr", "forgetting", "bwt"):
-        vals = [r[key] for r in results if r.get(key) is not None]
-        if vals:
-            out[key] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "values": vals}
+    """summary.json of a seed list: mean ± sample std of every headline metric, for the headline
+    classifier and for every extra one (iCaRL's CNN head beside its NME)."""
+    first = results[0]
+    out = {"method": first["method"], "label": first.get("label", first["method"]), "dataset": first["dataset"],
+           "protocol": first.get("protocol"), "metric": first.get("metric", "acc"),
+           "deviations": first.get("deviations", []), "seeds": [r["seed"] for r in results], "std": "sample (ddof=1)"}
+
+    def block(runs: List[dict]) -> dict:
+        return {key: mean_std([r[key] for r in runs]) for key in SUMMARY_KEYS
+                if all(r.get(key) is not None for r in runs)}
+
+    out.update(block(results))
+    extras = sorted(set.intersection(*(set(r.get("extra") or {}) for r in results)))
+    if extras:
+        out["extra"] = {name: block([r["extra"][name] for r in results]) for name in extras}
     return out
 
 
@@ -151,8 +174,11 @@ class Progress:
 
     @classmethod
     def fresh(cls, cfg, data, scenario) -> "Progress":
+        method_cls = METHODS.get(cfg.method)
         results = {
-            "method": cfg.method, "dataset": "+".join(data.names), "backbone": cfg.backbone, "seed": cfg.seed,
+            "method": cfg.method, "label": method_cls.label(cfg), "protocol": protocol_record(cfg),
+            "metric": cfg.metric, "deviations": method_cls.deviations(cfg), "budget": [],
+            "dataset": "+".join(data.names), "backbone": cfg.backbone, "seed": cfg.seed,
             "class_order": scenario.class_order, "tasks": scenario.classes_of_tasks(),
             "class_names": scenario.class_names, "cost": [], "versions": versions(), "status": "running",
         }
@@ -243,6 +269,7 @@ def evaluate(cfg, method, engine, scenario, task, metrics: ContinualMetrics) -> 
     task-id accuracy of methods that infer the task (ACL, DynaMMo), else None."""
     bounds = [(t.start, t.end) for t in scenario.tasks]
     method.eval_mode()
+    check_eval_mode(method)  # else BatchNorm makes the accuracy depend on the test batch
     test = scenario.test_data_seen(task)
     out = engine.apply(method.predict, test)
     y = test.labels
@@ -278,7 +305,7 @@ def evaluate_checkpoint(run_dir, task: Optional[int], console: Console, device: 
     out = {"task": t.id + 1, "classes": t.end, "acc": metrics.acc[-1], "mcr": metrics.mcr[-1],
            "task_il_acc": metrics.task_il_acc[-1] if metrics.task_il_acc else None,
            "acc_per_task": metrics.acc_matrix[-1][: t.id + 1], "task_id_acc": task_id_acc,
-           "extra": {k: v[-1] for k, v in metrics.extra.items()}, "checkpoint": str(path)}
+           "extra": {k: m.acc[-1] for k, m in metrics.extra.items()}, "checkpoint": str(path)}
     results_file = run_dir / "results.json"
     if results_file.is_file():
         recorded = json.loads(results_file.read_text()).get("acc") or []
@@ -295,7 +322,7 @@ def _train_all_tasks(cfg, method, engine, data, scenario, writer, console, progr
     example = engine.test_tf(scenario.test.get(torch.tensor([0])).to(engine.device))
     for task in scenario.tasks[progress.next_task:]:
         engine.task_label = f"task {task.id + 1}/{len(scenario)}"
-        engine.trained_params = {}
+        engine.trained_params, engine.stages = {}, []
         if engine.journal is not None:
             engine.journal.start_task()
         t0 = time.perf_counter()
@@ -316,8 +343,10 @@ def _train_all_tasks(cfg, method, engine, data, scenario, writer, console, progr
             "params_trainable": int(sum(engine.trained_params.values())),
             "inference_gflops": gflops_per_image(method.predict, example),
             "memory_exemplars": n_ex, "memory_bytes": n_bytes, "train_seconds": round(train_seconds, 3),
+            "train_images": sum(st["images"] for st in engine.stages),
         }
         results["cost"].append(cost)
+        results.setdefault("budget", []).append(list(engine.stages))
         results.update(metrics.summary())
         progress.rows.append({"task": task.id + 1, "classes": task.end, "acc": metrics.acc[-1], "mcr": metrics.mcr[-1],
                               "task_il_acc": metrics.task_il_acc[-1] if metrics.task_il_acc else None,

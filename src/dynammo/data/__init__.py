@@ -1,6 +1,7 @@
 """Loading a dataset (or a dataset-per-task stream) into ready-to-train ImageSets."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -9,7 +10,7 @@ import torch
 
 from dynammo.data.datasets import DATASETS, RawDataset
 from dynammo.data.imageset import ImageSet, subsample_per_class
-from dynammo.errors import UserError
+from dynammo.errors import UserError, is_allocation_failure
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -32,9 +33,21 @@ class LoadedData:
         return len(self.class_names)
 
 
+STATS_IMAGES = 5000  # images the normalisation statistics are computed on (1000 when decoded from files)
+
+
+def stats_sample(train: ImageSet, seed: int) -> ImageSet:
+    """A seeded uniform sample of the training set for the normalisation statistics: spread over
+    every class (training sets are sorted by class, so their first images are one class)."""
+    n = min(len(train), STATS_IMAGES if train.in_memory else STATS_IMAGES // 5)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    sample = train.subset(order)
+    return sample if sample.in_memory else sample.materialize()
+
+
 def channel_stats(images: torch.Tensor) -> Tuple[tuple, tuple]:
-    """Per-channel mean/std in [0, 1] of a uint8 (N, C, H, W) tensor (up to 5000 images)."""
-    x = images[: 5000].float().div_(255)
+    """Per-channel mean/std in [0, 1] of a uint8 (N, C, H, W) tensor."""
+    x = images.float().div_(255)
     mean = x.mean(dim=(0, 2, 3))
     std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
     return tuple(round(v, 6) for v in mean.tolist()), tuple(round(v, 6) for v in std.tolist())
@@ -43,6 +56,46 @@ def channel_stats(images: torch.Tensor) -> Tuple[tuple, tuple]:
 def _fits_memory(s: ImageSet, size: Optional[int]) -> bool:
     side = size or 256
     return len(s) * s.channels * side * side < IN_MEMORY_LIMIT_BYTES
+
+
+def available_memory() -> int:
+    """Bytes the process can still allocate: MemAvailable on Linux, else the physical memory."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return 2**62
+
+
+def _gib(n: float) -> str:
+    return f"{n / 1024**3:.1f} GiB"
+
+
+def check_image_memory(cfg, name: str, train: ImageSet, test: ImageSet, in_memory: bool) -> None:
+    """img_size (with the batch sizes) must leave the resized images and one network batch
+    allocatable: one line naming the key, before anything is written, instead of an allocator
+    traceback (or the OOM killer) later."""
+    side = cfg.img_size
+    if side is None:
+        return
+    channels = max(train.channels, test.channels)
+    stored = (len(train) + len(test)) * channels * side * side if in_memory else 0
+    batch = min(max(cfg.batch_size, cfg.eval_batch_size), max(len(train), len(test), 1))
+    batch_bytes = 2 * batch * 3 * side * side * 4  # the float input of the network and its augmented copy
+    avail = available_memory()
+    if stored + batch_bytes <= avail:
+        return
+    if stored >= batch_bytes:
+        raise UserError(f"img_size={side} needs {_gib(stored)} to hold the {len(train) + len(test)} images of {name} "
+                        f"in memory, more than the {_gib(avail)} available; lower img_size (or max_train_per_class)")
+    raise UserError(f"img_size={side} with batch_size={cfg.batch_size} / eval_batch_size={cfg.eval_batch_size} needs "
+                    f"{_gib(batch_bytes)} per batch, more than the {_gib(avail)} available; lower batch_size, "
+                    "eval_batch_size or img_size")
 
 
 def _prepare(raw: RawDataset, cfg, seed: int) -> RawDataset:
@@ -55,11 +108,18 @@ def _prepare(raw: RawDataset, cfg, seed: int) -> RawDataset:
     test = raw.test.subset(subsample_per_class(raw.test.labels, cfg.max_test_per_class, seed + 1))
     mode = cfg.in_memory
     keep = mode == "true" or (mode == "auto" and _fits_memory(train, cfg.img_size) and _fits_memory(test, cfg.img_size))
-    if keep:
-        train, test = train.materialize(), test.materialize()
-    if cfg.img_size is not None:
-        train, test = train.resized(cfg.img_size), test.resized(cfg.img_size)
-    elif not train.in_memory:
+    check_image_memory(cfg, raw.name, train, test, keep or train.in_memory)
+    try:
+        if keep:
+            train, test = train.materialize(), test.materialize()
+        if cfg.img_size is not None:
+            train, test = train.resized(cfg.img_size), test.resized(cfg.img_size)
+    except (MemoryError, RuntimeError) as exc:
+        if not is_allocation_failure(exc):
+            raise
+        raise UserError(f"the images of {raw.name} at img_size={cfg.img_size} cannot be allocated "
+                        f"({exc.__class__.__name__}); lower img_size or max_train_per_class") from None
+    if cfg.img_size is None and not train.in_memory:
         raise UserError(f"dataset {raw.name} is read from files lazily; set img_size=N so every image has one size")
     return RawDataset(raw.name, raw.class_names, train, test, raw.flip)
 
@@ -89,13 +149,15 @@ def load_data(cfg, seed: int) -> LoadedData:
     else:
         (p,) = parts
         train, test, class_names, flip = p.train, p.test, list(p.class_names), p.flip
-    if cfg.normalize == "imagenet":
+    normalize = cfg.normalize
+    if normalize == "auto":  # a pretrained backbone expects the statistics it was trained with
+        normalize = "imagenet" if cfg.pretrained else "dataset"
+    if normalize == "imagenet":
         mean, std = IMAGENET_MEAN, IMAGENET_STD
-    elif cfg.normalize == "none":
+    elif normalize == "none":
         mean, std = (0.0,) * 3, (1.0,) * 3
     else:
-        sample = train if train.in_memory else train.subset(torch.arange(min(len(train), 1000))).materialize()
-        mean, std = channel_stats(sample.images)
+        mean, std = channel_stats(stats_sample(train, seed).images)
     if len(mean) == 3 and train.channels == 1:
         mean, std = (sum(mean) / 3,), (sum(std) / 3,)
     present = torch.unique(train.labels).numel()

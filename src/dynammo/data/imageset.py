@@ -43,7 +43,9 @@ def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
     if images.shape[-1] == size and images.shape[-2] == size:
         return images
     out = []
-    for chunk in images.split(4096):
+    # chunks of at most ~256 MB of float output (and at most 4096 images), whatever the size
+    per_image = max(1, images.shape[1] * size * size * 4)
+    for chunk in images.split(max(1, min(4096, 2**28 // per_image))):
         x = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         out.append(x.round_().clamp_(0, 255).to(torch.uint8))
     return torch.cat(out) if out else images.new_zeros((0, images.shape[1], size, size))

@@ -123,13 +123,15 @@ class ACLNet(AdapterNet):
 
 
 ACL_OPTIONS = {
-    "layer_names": Option("str_list", None, "backbone stages that get an adapter at their input (default: all)"),
+    "layer_names": Option("str_list", None, "backbone stages that get an adapter at their input (default: all)",
+                          nonempty=True, unique=True),
     "backbone_epochs": Option("int", None, "pretrained=false only: epochs of plain training of the backbone on "
                                            "task 0 before it is frozen (default: epochs; 0 keeps it random)", min=0),
     "head_init": Option("str", "random", "new task head in stage 3: random (faithful) | auxiliary (a copy of "
-                                         "stage 1's auxiliary head)", choices=("random", "auxiliary")),
+                                         "stage 1's auxiliary head)", choices=("random", "auxiliary"),
+                        faithful="random"),
     "epochs_finetune": Option("int", None, "stage 3 (balanced head training) epochs (default: epochs)", min=1),
-    "lrate_finetune": Option("float", 1e-3, "stage 3 learning rate", min=0.0),
+    "lrate_finetune": Option("float", 1e-3, "stage 3 learning rate", min=0.0, min_open=True),
     "opt_type_finetune": Option("str", "adam", "stage 3 optimiser", choices=OPT_TYPES),
     "weight_decay_finetune": Option("float", 0.0, "stage 3 weight decay", min=0.0),
     "scheduler_finetune": Option("str", "multi_step", "stage 3 learning-rate schedule",
@@ -164,6 +166,15 @@ class ACL(Method):
             if small:
                 raise UserError(f"img_size={cfg.img_size} leaves the input of {', '.join(small)} smaller than 3x3, too "
                                 "small for an adapter; raise img_size or set layer_names to other stages")
+
+    @classmethod
+    def deviations(cls, cfg) -> List[str]:
+        out = super().deviations(cfg)
+        if not cfg.pretrained:
+            epochs = cfg.epochs if cfg.backbone_epochs is None else cfg.backbone_epochs
+            out.append(f"backbone trained on task 1's data for {epochs} epochs, then frozen: no pretrained weights "
+                       "(the paper freezes an ImageNet-pretrained ResNet-18)")
+        return out
 
     # ---- model ----
     def build_network(self) -> AdapterNet:
@@ -219,7 +230,7 @@ class ACL(Method):
             return F.cross_entropy(logits, target), logits, target
 
         self.engine.fit(itertools.chain(adapters.parameters(), aux.parameters()), data, loss,
-                        OptimSettings.from_config(self.cfg), stage="adapters")
+                        OptimSettings.from_config(self.cfg, first_task=task.id == 0), stage="adapters")
         self.net.eval()
         return aux
 

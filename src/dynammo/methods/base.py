@@ -19,13 +19,13 @@ Device, AMP, progress bars, metrics, checkpoints and cost accounting come from t
 from __future__ import annotations
 
 import copy
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dynammo.config import Option
+from dynammo.config import NOT_DECLARED, Option
 from dynammo.data.imageset import ImageSet
 from dynammo.data.memory import ExemplarMemory
 from dynammo.data.scenario import Scenario, Task
@@ -58,6 +58,26 @@ class Method:
             if not cfg.memory_per_class and cfg.memory_size <= 0:
                 raise UserError(f"method '{cfg.method}' needs an exemplar memory; set memory_size=N (e.g. 2000) or memory_per_class=N")
             ExemplarMemory.from_config(cfg).check_budget(num_classes)
+
+    # ---- what the run departs from the paper in (results.json `deviations`, every table) ----
+    @classmethod
+    def variant_options(cls, cfg) -> Dict[str, object]:
+        """The method's options whose value differs from the paper's (declared as Option.faithful)."""
+        return {key: cfg.get(key) for key, opt in cls.options.items()
+                if opt.faithful is not NOT_DECLARED and cfg.get(key) != opt.faithful}
+
+    @classmethod
+    def deviations(cls, cfg) -> List[str]:
+        """One line per place where the run, as configured, departs from the method's paper. Methods
+        add their own (e.g. no pretrained weights) to these option-level ones."""
+        return [f"{key}={value} instead of the paper's {cls.options[key].faithful}: {cls.options[key].help}"
+                for key, value in cls.variant_options(cfg).items()]
+
+    @classmethod
+    def label(cls, cfg) -> str:
+        """The name a table prints: the method, and the variant options it runs with."""
+        changed = cls.variant_options(cfg)
+        return f"{cfg.method} [{', '.join(f'{k}={v}' for k, v in changed.items())}]" if changed else cfg.method
 
     # ---- model ----
     def build_network(self) -> nn.Module:
@@ -162,3 +182,46 @@ class Method:
         self.load_extra_state(state.get("extra") or {})
         if state.get("memory") is not None and self.memory is not None:
             self.memory.load_state_dict(state["memory"])
+
+
+# ---- the evaluation contract (the runner enforces it; no method overrides it) ----
+def held_modules(method) -> Dict[str, nn.Module]:
+    """Every nn.Module a method holds, by attribute name: `net` and any other module attribute
+    (teachers, old networks, bias layers or adapters kept outside `net`), including modules kept
+    in a list, tuple or dict attribute ("old_nets[0]", "heads['a']")."""
+    found: Dict[str, nn.Module] = {}
+    for name, value in vars(method).items():
+        if isinstance(value, nn.Module):
+            found[name] = value
+        elif isinstance(value, (list, tuple)):
+            found.update({f"{name}[{i}]": v for i, v in enumerate(value) if isinstance(v, nn.Module)})
+        elif isinstance(value, dict):
+            found.update({f"{name}[{k!r}]": v for k, v in value.items() if isinstance(v, nn.Module)})
+    return found
+
+
+def modules_in_training_mode(method) -> List[str]:
+    """Paths ("net.backbone.bn1", "teacher") of the modules a method holds that have training=True;
+    a module shared by two attributes is named once."""
+    seen, paths = set(), []
+    for attr, module in held_modules(method).items():
+        for sub, m in module.named_modules(prefix=attr):
+            if id(m) in seen:
+                continue
+            seen.add(id(m))
+            if m.training:
+                paths.append(f"{sub} ({type(m).__name__})")
+    return paths
+
+
+def check_eval_mode(method) -> None:
+    """Raise if any module the method holds is still in training mode after `eval_mode()`: with
+    BatchNorm in training mode a prediction depends on the other images of its batch (and the
+    running statistics change), so the accuracy would depend on the evaluation batch size. This is a
+    programming error of the method, not of the user's input."""
+    left = modules_in_training_mode(method)
+    if left:
+        shown = ", ".join(left[:8]) + (f" and {len(left) - 8} more" if len(left) > 8 else "")
+        raise RuntimeError(f"method '{method.cfg.method}' ({type(method).__name__}) left modules in training mode "
+                           f"at evaluation: {shown}; its eval_mode() must put every module it holds in eval mode "
+                           "(call .eval() on them)")

@@ -16,7 +16,9 @@ For every task t >= 1:
 Every task's bias layer stays in the network, frozen after its stage 2, and is applied at
 inference (and by the teacher of later tasks), so a checkpoint holds and reloads all of them.
 Stage 2 trains with `*_bias` settings (epochs_bias, lrate_bias, ...) that default to stage 1's, as
-in the reference framework. Unlike the reference, stage 2 keeps the BatchNorm statistics frozen
+in the reference framework, except weight decay: `weight_decay_bias` is 0 by default, since the
+paper fits only alpha and beta by cross-entropy and an L2 term would pull alpha (1 at the start)
+towards 0 (the reference framework and PyCIL keep stage 1's weight decay: set it to reproduce them). Unlike the reference, stage 2 keeps the BatchNorm statistics frozen
 (eval mode) and uses plain cross-entropy on the corrected logits (the reference applies a softmax
 before its cross-entropy, a double softmax).
 """
@@ -85,11 +87,14 @@ class BiC(DistillMethod):
         **kd_options("adaptive"),
         "split_ratio": Option("float", 0.1, "share of each class's exemplars (m per class) held out for the bias "
                                             "layer: max(1, int(split_ratio * m)) images of every old and new class",
-                              min=0.0),
+                              min=0.0, max=1.0, min_open=True, max_open=True),
         "epochs_bias": Option("int", None, "stage 2 (bias layer) epochs (default: epochs)", min=1),
-        "lrate_bias": Option("float", None, "stage 2 learning rate (default: lrate)", min=0.0),
+        "lrate_bias": Option("float", None, "stage 2 learning rate (default: lrate)", min=0.0,
+                             min_open=True),
         "opt_type_bias": Option("str", None, "stage 2 optimiser (default: opt_type)", choices=OPT_TYPES),
-        "weight_decay_bias": Option("float", None, "stage 2 weight decay (default: weight_decay)", min=0.0),
+        "weight_decay_bias": Option("float", 0.0, "stage 2 weight decay (0: the paper fits alpha and beta by "
+                                                  "cross-entropy alone; the reference framework keeps stage 1's)",
+                                    min=0.0, faithful=0.0),
         "scheduler_bias": Option("str", None, "stage 2 learning-rate schedule (default: scheduler)",
                                  choices=("multi_step", "cos", "none")),
         "milestones_bias": Option("int_list", None, "stage 2 multi_step milestones (default: milestones)", min=1),

@@ -13,7 +13,9 @@ experience replay (method `der_pp`).
   the exemplar memory: loss = CE(classifier) + CE(auxiliary). The auxiliary classifier is only
   used for training and is dropped afterwards.
 - Stage 2 (t >= 1), classifier learning: on a class-balanced set (m memory exemplars per old class
-  + m herding-chosen images per new class, m = memory_size // n_old), with every extractor frozen
+  + m herding-chosen images per new class, m = the updated memory quota memory_size // n_seen, as
+  DER's authors retrain on the memory after its update; `balanced_quota: old` gives
+  memory_size // n_old, a set larger than the memory budget), with every extractor frozen
   and the whole model in eval mode, retrain the classifier with CE(logits / T) (T = 5). The
   classifier is first re-initialised (`classifier_reset`, as the reference framework does).
 - No channel-level mask or pruning (the reference reproduction, from-scratch CIFAR-100
@@ -97,11 +99,16 @@ class DER(Method):
                "features, balanced classifier retraining; not DER++ (see der_pp)")
     uses_memory = True
     options = {
-        "T": Option("float", 5.0, "temperature of the classifier-retraining loss CE(logits / T)", min=1e-6),
+        "T": Option("float", 5.0, "temperature of the classifier-retraining loss CE(logits / T)", min=0.0,
+                    min_open=True),
         "classifier_reset": Option("bool", True, "re-initialise the classifier before balanced retraining "
                                                  "(as the reference framework)"),
+        "balanced_quota": Option("str", "seen", "images per class of the balanced set: seen (memory_size // n_seen, "
+                                                "the updated memory quota, as DER's authors) | old (memory_size // "
+                                                "n_old)", choices=("seen", "old"), faithful="seen"),
         "epochs_finetune": Option("int", None, "classifier-retraining epochs (default: epochs)", min=1),
-        "lrate_finetune": Option("float", None, "classifier-retraining learning rate (default: lrate)", min=0.0),
+        "lrate_finetune": Option("float", None, "classifier-retraining learning rate (default: lrate)",
+                                 min=0.0, min_open=True),
         "opt_type_finetune": Option("str", "sgd", "classifier-retraining optimiser", choices=("sgd", "adam", "adamw")),
         "weight_decay_finetune": Option("float", 0.0, "classifier-retraining weight decay", min=0.0),
         "scheduler_finetune": Option("str", "multi_step", "classifier-retraining schedule",
@@ -151,7 +158,7 @@ class DER(Method):
         """Stage 2: the classifier alone, on a class-balanced set, every extractor frozen."""
         net = self.net
         net.eval()  # before herding too: batch statistics must not leak into the BatchNorm buffers
-        m = self.memory.quota(task.start)
+        m = self.memory.quota(task.end if self.cfg.balanced_quota == "seen" else task.start)
         data = balanced_set(self.memory, self.scenario.train_data(task), task.classes, m, self.features,
                             self.engine.generator)
         if self.cfg.classifier_reset:

@@ -58,7 +58,8 @@ class DERpp(Method):
         "replay_batch_size": Option("int", None, "buffer samples per replay term and step (default: batch_size)",
                                     min=1),
         "full_head": Option("bool", True, "every class's output from the first task on, as the paper (false: the "
-                                          "head grows per task and the MSE compares the stored columns only)"),
+                                          "head grows per task and the MSE compares the stored columns only)",
+                            faithful=True),
     }
 
     @classmethod

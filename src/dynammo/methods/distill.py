@@ -62,7 +62,7 @@ def frozen_copy(net: nn.Module) -> nn.Module:
 def kd_options(kd_weight: str = "sum") -> dict:
     """Config keys of a distilling method: the temperature and how CE and KD are weighted."""
     return {
-        "T": Option("float", 2.0, "distillation temperature (softmax of the logits / T)", min=1e-6),
+        "T": Option("float", 2.0, "distillation temperature (softmax of the logits / T)", min=0.0, min_open=True),
         "kd_weight": Option("str", kd_weight, "CE and KD weighting: sum (CE + KD) | adaptive ((1 - l) CE + l KD with "
                                               "l = n_old / n_seen, as BiC and the WA paper)",
                             choices=("sum", "adaptive")),

@@ -79,9 +79,11 @@ class DynaMMo(ACL):
     options = {
         **ACL.options,
         "merge_bn": Option("str", "average", "merged adapters' BatchNorm statistics: average (faithful) | "
-                                             "reestimate (on memory + current data)", choices=("average", "reestimate")),
+                                             "reestimate (on memory + current data)", choices=("average", "reestimate"),
+                           faithful="average"),
         "herding_space": Option("str", "task", "features for exemplar herding: task (the task adapter's, "
-                                               "faithful) | merged (the merged model's)", choices=("task", "merged")),
+                                               "faithful) | merged (the merged model's)", choices=("task", "merged"),
+                                faithful="task"),
     }
     net_class = DynaMMoNet
 

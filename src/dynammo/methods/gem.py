@@ -10,27 +10,26 @@ Learning", NeurIPS 2017).
       min_v 1/2 v^T G G^T v + (G g)^T v   subject to  v >= margin,
   solved with `quadprog`. `gem_margin` is the paper's "memory strength" (0.5 by default); with
   margin 0 this is the exact Euclidean projection onto {g~ : <g~, g_k> >= 0 for all k}.
-- Class-incremental adaptation (`gem_loss_scope`): the paper (task-incremental) evaluates each
-  task's loss on that task's outputs only. Here the default, "seen", takes every loss over all
-  classes seen so far (as class-IL reimplementations such as Mammoth do): a new class stealing an
-  old sample's prediction then raises that task's memory loss, which is exactly what the constraint
-  must prevent. "task" restricts the current batch's loss to the new classes and task k's memory
-  loss to task k's classes, as the reference framework (CL_Pytorch) does.
+- Loss scope (`gem_loss_scope`): the paper (task-incremental) evaluates each task's loss on that
+  task's outputs only, and so does the reference framework (CL_Pytorch): "task" (the default)
+  restricts the current batch's loss to the new classes and task k's memory loss to task k's
+  classes. "seen" takes every loss over all classes seen so far (class-IL reimplementations such
+  as Mammoth): a new class stealing an old sample's prediction then raises that task's memory loss.
 - BatchNorm (`gem_memory_forward`): the paper's code runs one forward pass per old task's memory
-  and one for the current batch, so in training every batch BatchNorm normalises holds ONE task.
-  In class-IL the network then learns to separate tasks through the batch statistics, which test
-  batches (all classes mixed, running statistics) do not have: on MedNIST 3x2 (mednist_cpu,
-  memory 200, seed 1993) the last task reached 99% training accuracy but 51% test accuracy, HeadCT
-  test images going to the old class Hand; recomputing BatchNorm statistics on mixed test batches
-  did not help (the features themselves depend on the pure-task statistics). The default "joint"
-  passes the current batch and every old task's memory batch through the network at once and takes
-  each g_k from its slice of that pass: last accuracy 65.7 -> 98.7 on the same run. "separate"
-  keeps the paper's passes (what the literature's class-IL GEM numbers measure).
+  and one for the current batch ("separate", the default), so in training every batch BatchNorm
+  normalises holds ONE task. In class-IL the network then learns to separate tasks through the
+  batch statistics, which test batches (all classes mixed, running statistics) do not have: on
+  MedNIST 3x2 (mednist_cpu, memory 200, seed 1993) the last task reached 99% training accuracy but
+  51% test accuracy, HeadCT test images going to the old class Hand. The named variant "joint"
+  (dynammo's, not the paper's; results.json lists it under `deviations` and tables label the run
+  `gem [gem_memory_forward=joint]`) passes the current batch and every old task's memory batch
+  through the network at once and takes each g_k from its slice of that pass.
 - The paper uses a task's whole memory at every step; `gem_mem_batch` optionally uses a random
-  subset of each task's memory per step (cheaper, for CPU runs).
-- Optimiser: plain SGD, as the paper. With momentum the step is no longer the projected gradient,
-  so the constraints do not hold for it (on digits, 5 tasks: last accuracy 76.6 with momentum 0.9,
-  92.2 without); the configs set `opt_mom: 0`.
+  subset of each task's memory per step (cheaper, for CPU runs; recorded as a deviation).
+- The update is the projected gradient, as the paper's plain SGD step: momentum, Adam and AdamW
+  are refused (they step away from the projected gradient, so the constraints would not hold for
+  the step taken). Weight decay is folded into the gradient before the projection (g + wd·θ is
+  projected and the optimiser runs without weight decay), so the step taken is the projected one.
 - Memory selection follows `sampling_method` (herding in the reference framework's configs; the
   paper keeps the last samples of each task's stream, close to `random`).
 """
@@ -117,21 +116,26 @@ class GEM(Method):
     options = {
         "gem_margin": Option("float", 0.5, "memory strength: the QP's dual variables are at least this (paper: 0.5)",
                              min=0.0),
-        "gem_loss_scope": Option("str", "seen", "classes a loss is taken over: seen (every seen class, class-IL) | "
-                                                "task (the sample's task only, as the reference framework)",
-                                 choices=("seen", "task")),
-        "gem_memory_forward": Option("str", "joint", "joint: the current batch and every old task's memory batch in "
-                                                     "one forward pass (BatchNorm sees mixed batches, as at test "
-                                                     "time) | separate: one pass per old task (paper's code)",
-                                     choices=("joint", "separate")),
+        "gem_loss_scope": Option("str", "task", "classes a loss is taken over: task (the sample's task only, as "
+                                                "the paper and the reference framework) | seen (every seen class)",
+                                 choices=("task", "seen"), faithful="task"),
+        "gem_memory_forward": Option("str", "separate", "separate: one forward pass per old task's memory (the "
+                                                        "paper's code) | joint: the current batch and every old "
+                                                        "task's memory batch in one pass, so BatchNorm sees mixed "
+                                                        "batches (dynammo's variant)",
+                                     choices=("separate", "joint"), faithful="separate"),
         "gem_mem_batch": Option("int", None, "memory samples per old task per step (default: the whole task memory, "
-                                             "as the paper)", min=1),
+                                             "as the paper)", min=1, faithful=None),
     }
 
     @classmethod
     def check_config(cls, cfg, num_classes: int) -> None:
         super().check_config(cfg, num_classes)
         require_quadprog()
+        if cfg.opt_type != "sgd" or cfg.opt_mom > 0:
+            raise UserError(f"GEM steps along the projected gradient: it needs plain SGD (opt_type=sgd, opt_mom=0), "
+                            f"got opt_type={cfg.opt_type} opt_mom={cfg.opt_mom}; momentum or Adam would step "
+                            "away from the projection (weight decay is fine: it is projected with the gradient)")
         if cfg.memory_per_class or isinstance(cfg.dataset, list):
             return  # a fixed per-class quota, or a stream whose task sizes come from the data
         sizes = task_sizes(num_classes, cfg.init_cls, cfg.increment)
@@ -146,6 +150,7 @@ class GEM(Method):
         self.old_memories: List[tuple] = []  # (raw images on the device, labels, task) per earlier task
         self.current: Optional[Task] = None  # the task being trained
         self.old_gradients: Optional[torch.Tensor] = None  # (old tasks, params) of the current step (joint)
+        self.weight_decay = 0.0  # of the stage being trained, folded into the gradient before projecting
 
     # ---- losses ----
     def task_loss(self, logits: torch.Tensor, y: torch.Tensor, task: Task) -> torch.Tensor:
@@ -188,9 +193,30 @@ class GEM(Method):
         self.train_mode()
         params = self.trainable_params()
         settings = OptimSettings.from_config(self.cfg, first_task=task.id == 0)
-        hook = (lambda: self.project(params)) if self.old_memories else None
+        # weight decay joins the gradient before the projection, so the step taken is the projected one
+        self.weight_decay, settings.weight_decay = settings.weight_decay, 0.0
+        hook = (lambda: self.project(params)) if self.old_memories else self.add_weight_decay_hook(params)
         self.engine.fit(params, self.scenario.train_data(task), self.step, settings, before_step=hook)
         self.old_memories, self.old_gradients = [], None
+
+    def add_weight_decay_hook(self, params):
+        """Without old tasks there is nothing to project: the step is SGD on loss + wd/2·|θ|²."""
+        if not self.weight_decay:
+            return None
+
+        def hook():
+            with torch.no_grad():
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.add_(p.detach(), alpha=self.weight_decay)
+        return hook
+
+    @classmethod
+    def deviations(cls, cfg) -> List[str]:
+        out = super().deviations(cfg)
+        if cfg.sampling_method != "random":
+            out.append(f"memory chosen by {cfg.sampling_method} (the paper keeps each task's last samples, close to random)")
+        return out
 
     def load_old_memories(self, task: Task) -> List[tuple]:
         out = []
@@ -224,6 +250,8 @@ class GEM(Method):
         """before_step hook: replace the current gradient by its GEM projection when it would raise
         the loss of an earlier task's memory."""
         g = flat_grad(params)
+        if self.weight_decay:
+            g = g + self.weight_decay * flat([p.detach() for p in params], params)
         if self.cfg.gem_memory_forward == "joint":
             old = self.old_gradients
         else:

@@ -1,5 +1,8 @@
 """Joint: after each task, a fresh model trained on all the data of every class seen so far, all
-classes at once. No continual constraint: the upper bound the other methods are measured against."""
+classes at once. No continual constraint: the upper bound the other methods are measured against.
+Every fresh model gets the same budget: the first task's settings (init_* keys where set), since
+each is trained from scratch as the first task's model is."""
+from dynammo.engine import OptimSettings
 from dynammo.methods import METHODS
 from dynammo.methods.base import Method
 
@@ -17,3 +20,8 @@ class Joint(Method):
 
     def training_set(self, task):
         return self.scenario.train.of_classes(range(task.end))
+
+    def train_task(self, task) -> None:
+        self.train_mode()
+        settings = OptimSettings.from_config(self.cfg, first_task=True)
+        self.engine.fit(self.net.parameters(), self.training_set(task), self.step, settings)

@@ -83,7 +83,7 @@ def pod_factor(n_seen: int, n_new: int) -> float:
 class PODNet(CosineRehearsal):
     summary = "local similarity classifier + pooled outputs distillation + NCA, balanced fine-tuning (ECCV 2020)"
     options = {
-        "proxies": Option("int", 10, "proxies per class of the local similarity classifier", min=1),
+        "proxies": Option("int", 10, "proxies per class of the local similarity classifier", min=1, max=100),
         "lambda_spatial": Option("float", 3.0, "POD-spatial weight (times sqrt(n_seen / n_new)); 3 on CIFAR-100",
                                  min=0.0),
         "lambda_flat": Option("float", 1.0, "POD-flat weight (times sqrt(n_seen / n_new))", min=0.0),
@@ -95,7 +95,7 @@ class PODNet(CosineRehearsal):
         "grad_clamp": Option("float", 5.0, "clamp every gradient element to [-v, v] (0: off)", min=0.0),
         "finetune": Option("bool", True, "class-balanced fine-tuning of the classifier after each task t >= 1"),
         "epochs_finetune": Option("int", 20, "balanced fine-tuning epochs", min=1),
-        "lrate_finetune": Option("float", 0.05, "balanced fine-tuning learning rate", min=0.0),
+        "lrate_finetune": Option("float", 0.05, "balanced fine-tuning learning rate", min=0.0, min_open=True),
         "opt_type_finetune": Option("str", "sgd", "balanced fine-tuning optimiser", choices=("sgd", "adam", "adamw")),
         "scheduler_finetune": Option("str", "none", "balanced fine-tuning schedule (the authors': constant)",
                                      choices=("multi_step", "cos", "none")),

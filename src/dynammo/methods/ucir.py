@@ -21,7 +21,7 @@ The class-balanced fine-tuning the paper uses on ImageNet only is not part of th
 
 The less-forget constraint assumes a base task rich enough to give every later class a usable
 feature (the paper starts from 50 CIFAR classes). After a 2-class base task learned from scratch it
-keeps the features too still for the next classes: see configs/ucir/mednist_cpu.yaml.
+keeps the features too still for the next classes: see docs/results_mednist.md.
 """
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ class UCIR(CosineRehearsal):
         "lambda_base": Option("float", 5.0, "less-forget weight base: lambda = lambda_base * sqrt(n_old / n_new) "
                                             "(5 on CIFAR-100 in the paper)", min=0.0),
         "mr_k": Option("int", 2, "margin ranking loss: hard negative (new) classes per memory sample", min=1),
-        "mr_margin": Option("float", 0.5, "margin ranking loss: margin m on cosines", min=0.0),
+        "mr_margin": Option("float", 0.5, "margin ranking loss: margin m on cosines", min=0.0, max=2.0),
         "mr_weight": Option("float", 1.0, "weight of the margin ranking loss", min=0.0),
         "last_relu": Option("bool", False, "keep the ReLU at the end of the backbone (the paper removes it)"),
         "imprint": Option("bool", True, "initialise new class weights from their normalised feature means"),

@@ -187,7 +187,11 @@ CLASSIFIER_PREFIXES = ("fc.", "head.", "classifier.", "linear.")
 
 
 def read_state_dict(path: Path) -> dict:
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError:  # a name the file system refuses (too long, ...)
+        found = False
+    if not found:
         raise UserError(f"pretrained weights file {path} does not exist; give the path of a saved state dict")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
