@@ -277,7 +277,7 @@ def test_end_to_end_cli(tmp_path):
     assert cfg.gem_margin == 0.5 and cfg.gem_loss_scope == "task" and cfg.gem_mem_batch == 8
     assert cfg.gem_memory_forward == "separate"
     assert r["label"] == "gem [gem_mem_batch=8]"
-    assert any(d.startswith("gem_mem_batch=8 instead of the paper's None") for d in r["deviations"])
+    assert any(d.startswith("gem_mem_batch=8 instead of the paper's unset") for d in r["deviations"])
 
 
 def test_the_joint_batchnorm_variant_is_labelled_and_recorded():

@@ -26,6 +26,7 @@ from dynammo.methods import METHODS
 from dynammo.methods.bic import BiasLayer
 from dynammo.methods.distill import frozen_copy, kd_loss
 from dynammo.methods.icarl import class_means_of, nme_predict
+from dynammo.metrics import task_il_predictions
 from dynammo.methods.wa import align_weights
 from method_helpers import make_method, run_task, same, snapshot
 
@@ -161,9 +162,20 @@ def test_icarl_nme_uses_the_means_of_the_memory_exemplars():
         f = F.normalize(m.net.features(x), dim=1)
         logits = m.net(x)
     hand = ((f.unsqueeze(1) - means.unsqueeze(0)) ** 2).sum(-1).argmin(1)
-    assert torch.equal(out["pred_nme"], hand)  # the nearest of the hand-computed exemplar means
-    assert torch.equal(out["logits"], logits)  # the CNN head is reported beside it
-    assert not torch.equal(out["pred_nme"], logits.argmax(1))  # two different classifiers
+    assert torch.equal(out["pred"], hand)  # the headline: the nearest of the hand-computed exemplar means
+    assert torch.equal(out["pred_cnn"], logits.argmax(1))  # the CNN head is reported beside it
+    assert not torch.equal(out["pred"], logits.argmax(1))  # two different classifiers
+    # task-IL: the nearest mean among the sample's own task's classes
+    til = task_il_predictions(out["task_il_logits"], test.labels, [(t.start, t.end) for t in m.scenario.tasks[:2]])
+    d = ((f.unsqueeze(1) - means.unsqueeze(0)) ** 2).sum(-1)
+    for i, y in enumerate(test.labels.tolist()):
+        t = m.scenario.tasks[0] if y < m.scenario.tasks[0].end else m.scenario.tasks[1]
+        assert til[i] == t.start + d[i, t.start:t.end].argmin()
+    m.cfg["icarl_classifier"] = "cnn"  # the other way round: CNN head the headline, NME beside it
+    with torch.no_grad():
+        swapped = m.predict(x)
+    m.cfg["icarl_classifier"] = "nme"
+    assert "pred" not in swapped and torch.equal(swapped["pred_nme"], hand)
     # other exemplars -> other means -> other NME predictions
     train = m.scenario.train
     for c in list(m.memory.per_class):
@@ -174,7 +186,7 @@ def test_icarl_nme_uses_the_means_of_the_memory_exemplars():
     torch.testing.assert_close(m.class_means, new_means, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(new_means, means, atol=1e-3)
     with torch.no_grad():
-        assert torch.equal(m.predict(x)["pred_nme"], ((f.unsqueeze(1) - new_means.unsqueeze(0)) ** 2).sum(-1).argmin(1))
+        assert torch.equal(m.predict(x)["pred"], ((f.unsqueeze(1) - new_means.unsqueeze(0)) ** 2).sum(-1).argmin(1))
 
 
 def test_nme_predict_and_flip_option_by_hand():
@@ -218,7 +230,7 @@ def test_icarl_checkpoint_reload_gives_identical_cnn_and_nme_predictions():
     x = m.engine.test_tf(m.scenario.test_data_seen(m.scenario.tasks[1]).images)
     with torch.no_grad():
         a, b = m.predict(x), other.predict(x)
-    assert torch.equal(a["pred_nme"], b["pred_nme"]) and torch.equal(a["logits"], b["logits"])
+    assert torch.equal(a["pred"], b["pred"]) and torch.equal(a["logits"], b["logits"])
 
 
 # ---------------------------------------------------------------- WA
@@ -368,8 +380,9 @@ def test_end_to_end_results_json(e2e_runs):
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
         assert cfg["T"] == 2.0
     icarl = json.loads((e2e_runs["icarl"] / "results.json").read_text())
-    nme = icarl["extra"]["nme"]
-    assert len(nme["acc"]) == 3 and nme["last_acc"] == nme["acc"][-1] and all(0 <= a <= 100 for a in nme["acc"])
+    cnn = icarl["extra"]["cnn"]  # NME is the headline; the CNN head beside it, with every metric
+    assert len(cnn["acc"]) == 3 and cnn["last_acc"] == cnn["acc"][-1] and cnn["acc"] != icarl["acc"]
+    assert cnn["forgetting"] is not None and len(cnn["mcr"]) == 3 and len(cnn["acc_matrix"]) == 3
     assert "extra" not in json.loads((e2e_runs["wa"] / "results.json").read_text())
     assert "weight aligning: gamma" in (e2e_runs["wa"] / "log.txt").read_text()
     log = (e2e_runs["bic"] / "log.txt").read_text()
@@ -394,9 +407,11 @@ def test_checkpoints_reload_into_the_same_predictions(e2e_runs):
         method.eval_mode()
         test = scenario.test_data_seen(scenario.tasks[-1])
         out = engine.apply(method.predict, test)
-        assert accuracy(test.labels, out["logits"].argmax(1)) == r["acc"][-1]
-        if name == "icarl":  # the NME accuracy too: the class means come back with the checkpoint
-            assert accuracy(test.labels, out["pred_nme"].long()) == r["extra"]["nme"]["acc"][-1]
+        if name == "icarl":  # NME, the headline: the class means come back with the checkpoint
+            assert accuracy(test.labels, out["pred"].long()) == r["acc"][-1]
+            assert accuracy(test.labels, out["pred_cnn"].long()) == r["extra"]["cnn"]["acc"][-1]
+        else:
+            assert accuracy(test.labels, out["logits"].argmax(1)) == r["acc"][-1]
 
 
 needs_mednist = pytest.mark.skipif(not (SHARED / "mednist.tar.gz").is_file(),
@@ -416,7 +431,7 @@ def test_cpu_config_on_real_mednist(tmp_path, name):
     assert r["status"] == "complete" and r["dataset"] == "mednist" and len(r["acc"]) == 3
     assert r["cost"][-1]["memory_exemplars"] == 30
     if name == "icarl":
-        assert len(r["extra"]["nme"]["acc"]) == 3
+        assert len(r["extra"]["cnn"]["acc"]) == 3
 
 
 @pytest.mark.slow

@@ -9,6 +9,10 @@ class UserError(Exception):
 
     exit_code = 2
 
+    def __init__(self, message: str = "", *args):
+        # one line whatever a value quoted in it holds (a name with a newline, a pasted path)
+        super().__init__(" ".join(str(message).splitlines()), *args)
+
 
 class RunInterrupted(UserError):
     """SIGINT/SIGTERM during a run: the state was saved; `dynammo resume RUN_DIR` continues it."""

@@ -37,7 +37,7 @@ class Registry(Generic[T]):
         key = self._aliases.get(key, key)
         if key not in self._items:
             raise UserError(
-                f"unknown {self.kind} '{name}'{closest(key, self.names())}; "
+                f"unknown {self.kind} {str(name)!r}{closest(key, self.names())}; "
                 f"available: {', '.join(self.names())}"
             )
         return key

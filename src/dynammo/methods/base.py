@@ -70,7 +70,11 @@ class Method:
     def deviations(cls, cfg) -> List[str]:
         """One line per place where the run, as configured, departs from the method's paper. Methods
         add their own (e.g. no pretrained weights) to these option-level ones."""
-        return [f"{key}={value} instead of the paper's {cls.options[key].faithful}: {cls.options[key].help}"
+        def paper(key):
+            value = cls.options[key].faithful
+            return "unset" if value is None else value
+
+        return [f"{key}={value} instead of the paper's {paper(key)}: {cls.options[key].help}"
                 for key, value in cls.variant_options(cfg).items()]
 
     @classmethod

@@ -102,6 +102,14 @@ class PODNet(CosineRehearsal):
         "milestones_finetune": Option("int_list", [], "balanced fine-tuning multi_step epochs", min=1),
     }
 
+    @classmethod
+    def deviations(cls, cfg) -> List[str]:
+        return super().deviations(cfg) + [
+            "NCA: the gradient to the learned scale eta skips the margin term (the paper's Eq. 7 otherwise; "
+            "with it eta collapses through zero on small tasks)",
+            "POD-flat is 1 - cos(h_old, h_new) as the authors' code (the paper writes an L2 distance)",
+        ]
+
     def build_network(self) -> CosineNet:
         return build_cosine_net(self.cfg, proxies=self.cfg.proxies)
 
