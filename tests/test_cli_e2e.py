@@ -90,15 +90,6 @@ def test_metrics_csv_and_log(replay_run):
     assert "after task" in proc.stdout  # the table of accuracy after each task
 
 
-def test_same_seed_same_accuracies(replay_run, tmp_path):
-    out, _ = replay_run
-    proc = run_cli("run", "--out", str(tmp_path / "again"), "method=replay", "memory_size=20", *TINY)
-    assert proc.returncode == 0, proc.stderr
-    a = json.loads((out / "results.json").read_text())
-    b = json.loads((tmp_path / "again" / "results.json").read_text())
-    assert a["acc_matrix"] == b["acc_matrix"]
-
-
 def test_seed_list_runs_each_seed_and_summarises(tmp_path):
     proc = run_cli("run", "--out", str(tmp_path / "s"), "method=finetune", "seed=[1,2]", "init_cls=5",
                    "increment=5", *TINY)
@@ -164,7 +155,7 @@ def test_reference_main_py_with_nested_config(tmp_path):
     ("shuffle=maybe", "must be true or false"),
     ("epochs=-1", "'epochs' must be >= 1"),
     ("memory_size=-5", "'memory_size' must be >= 0"),
-    ("img_size=0", "'img_size' must be >= "),
+    ("img_size=0", "'img_size' must be in [4, "),
     ("lrate=fast", "'lrate' must be a number"),
     ("checkpoint_every=-2", "'checkpoint_every' must be >= 0"),
 ])

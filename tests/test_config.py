@@ -71,10 +71,10 @@ def test_bad_values_are_user_errors_naming_the_key(override, key):
 
 def test_int_from_string_in_yaml_is_accepted(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("epochs: '4'\nseed: '-3'\n")
+    path.write_text("epochs: '4'\nseed: '3'\n")
     cfg = load_config(path, [])
     assert cfg.epochs == 4 and type(cfg.epochs) is int
-    assert cfg.seed == -3
+    assert cfg.seed == 3
 
 
 def test_pretrained_values():

@@ -65,7 +65,7 @@ def check_export_equals_framework(run_dir, model_file):
     assert torch.equal(e_pred, pred)
     assert torch.allclose(e_conf, conf, atol=1e-5)
     assert meta["class_names"] == scenario.class_names  # index = class id of the predictions
-    acc = 100.0 * (e_pred == test.labels).float().mean().item()
+    acc = 100.0 * (e_pred == test.labels).double().mean().item()  # float32 is off by 1e-6
     assert acc == pytest.approx(json.loads((run_dir / "results.json").read_text())["acc"][-1], abs=1e-6)
     return scenario, test, model, meta
 
@@ -76,12 +76,6 @@ def test_exported_dynammo_equals_the_framework_model(dynammo_mednist):
     _, _, _, meta = check_export_equals_framework(run_dir, model_file)
     assert (meta["method"], meta["dataset"], meta["task"]) == ("dynammo", "mednist", 3)
     assert sorted(meta["class_names"]) == ["AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT"]
-
-
-def test_exported_replay_equals_the_framework_model(replay_digits, tmp_path):
-    model_file = tmp_path / "replay.pt"
-    assert run_cli("export", str(replay_digits), "--out", str(model_file)).returncode == 0
-    check_export_equals_framework(replay_digits, model_file)
 
 
 def write_pngs(folder, test, idx):
@@ -151,17 +145,9 @@ def test_truncated_checkpoint_is_refused(replay_digits, tmp_path):
     assert_user_error(run_cli("export", str(copy), "--out", str(tmp_path / "m.pt")), "damaged", ckpt.name)
 
 
-def test_cost_command_matches_the_costs_recorded_by_a_run(replay_digits):
-    """`dynammo cost -c config.yaml` (no training) gives the run's own per-task FLOPs and parameters."""
-    proc = run_cli("cost", "-c", str(replay_digits / "config.yaml"), "--json")
-    assert proc.returncode == 0, proc.stderr
-    rows = json.loads(proc.stdout)
-    recorded = json.loads((replay_digits / "results.json").read_text())["cost"]
-    assert len(rows) == len(recorded) == 5
-    for row, rec in zip(rows, recorded):
-        assert row["inference_gflops"] == pytest.approx(rec["inference_gflops"], rel=1e-9)
-        assert row["params_total"] == rec["params_total"]
-        assert row["memory_exemplars"] >= rec["memory_exemplars"]  # a budget: classes may have fewer images
+def test_cost_table_of_a_config():
+    """`dynammo cost` prints a table from a config alone (no run); that it equals the cost a run
+    records is checked for every method in tests/test_method_contract.py."""
     proc = run_cli("cost", "method=acl", "dataset=digits", "backbone=resnet20", "img_size=8", "init_cls=4",
                    "increment=3", "memory_size=20")
     assert proc.returncode == 0, proc.stderr

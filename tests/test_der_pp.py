@@ -3,10 +3,6 @@ checkpoints and memory accounting, and an end-to-end run of the `dynammo` comman
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +16,6 @@ import method_helpers
 from method_helpers import run_task
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(dataset="digits", backbone="resnet20", img_size=8, init_cls=4, increment=3, epochs=1, batch_size=16,
             max_train_per_class=12, memory_size=40, seed=0, progress="false", augment=False)
 
@@ -141,15 +136,10 @@ def test_config_checks():
 
 
 @pytest.mark.slow
-def test_end_to_end_cli(tmp_path):
-    out = tmp_path / "derpp"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "dynammo", "run", "--out", str(out), "method=der++",
-                           "dataset=digits", "backbone=resnet20", "img_size=8", "init_cls=4", "increment=3",
-                           "epochs=1", "max_train_per_class=12", "memory_size=30", "batch_size=16",
-                           "progress=false", "plots=false", "tensorboard=false"],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr + proc.stdout
+def test_end_to_end_cli(tiny_run):
+    """The shared tiny run (conftest `tiny_run`; tests/test_method_contract.py checks its reload,
+    export, cost, resume and reproducibility)."""
+    out = tiny_run("der_pp")
     r = json.loads((out / "results.json").read_text())
     assert r["status"] == "complete" and r["method"] == "der_pp"
     assert len(r["acc"]) == 3 and r["avg_acc"] is not None and r["forgetting"] is not None

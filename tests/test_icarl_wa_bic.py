@@ -14,14 +14,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from dynammo.config import build_config
-from dynammo.console import Console
-from dynammo.data import load_data
-from dynammo.data.scenario import Scenario
-from dynammo.data.transforms import make_transforms
-from dynammo.engine import Batch, Engine
+from dynammo.engine import Batch
 from dynammo.errors import UserError
-from dynammo.metrics import accuracy
 from dynammo.methods import METHODS
 from dynammo.methods.bic import BiasLayer
 from dynammo.methods.distill import frozen_copy, kd_loss
@@ -355,20 +349,11 @@ def run_cli(*args):
                           env=env, timeout=600)
 
 
-E2E = ["dataset=digits", "backbone=resnet20", "img_size=8", "init_cls=4", "increment=3", "epochs=1",
-       "max_train_per_class=12", "memory_size=30", "batch_size=32", "progress=false", "plots=false",
-       "tensorboard=false"]
-
-
 @pytest.fixture(scope="module")
-def e2e_runs(tmp_path_factory):
-    out = {}
-    for name in ("icarl", "wa", "bic"):
-        run_dir = tmp_path_factory.mktemp("runs") / name
-        proc = run_cli("run", "--out", str(run_dir), f"method={name}", *E2E)
-        assert proc.returncode == 0, proc.stderr + proc.stdout
-        out[name] = run_dir
-    return out
+def e2e_runs(tiny_run):
+    """The shared tiny runs (conftest `tiny_run`), which tests/test_method_contract.py also checks
+    (reload, batch-size independence, export, cost, resume, reproducibility)."""
+    return {name: tiny_run(name) for name in ("icarl", "wa", "bic")}
 
 
 @pytest.mark.slow
@@ -392,28 +377,6 @@ def test_end_to_end_results_json(e2e_runs):
     assert [b - w for b, w in zip(bic_p, wa_p)] == [0, 2, 4]  # + alpha, beta per task t >= 1
 
 
-@pytest.mark.slow
-def test_checkpoints_reload_into_the_same_predictions(e2e_runs):
-    for name, run_dir in e2e_runs.items():
-        r = json.loads((run_dir / "results.json").read_text())
-        cfg = build_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
-        data = load_data(cfg, cfg.seed)
-        scenario = Scenario.from_config(data, cfg, cfg.seed)
-        engine = Engine(cfg, Console(progress="false", quiet=True), torch.device("cpu"), cfg.seed)
-        engine.set_transforms(*make_transforms(data, cfg.augment))
-        method = METHODS.get(name)(cfg, engine, scenario)
-        state = torch.load(run_dir / "checkpoints" / "task_2.pt", map_location="cpu", weights_only=False)
-        method.load_state_dict(state["state"])
-        method.eval_mode()
-        test = scenario.test_data_seen(scenario.tasks[-1])
-        out = engine.apply(method.predict, test)
-        if name == "icarl":  # NME, the headline: the class means come back with the checkpoint
-            assert accuracy(test.labels, out["pred"].long()) == r["acc"][-1]
-            assert accuracy(test.labels, out["pred_cnn"].long()) == r["extra"]["cnn"]["acc"][-1]
-        else:
-            assert accuracy(test.labels, out["logits"].argmax(1)) == r["acc"][-1]
-
-
 needs_mednist = pytest.mark.skipif(not (SHARED / "mednist.tar.gz").is_file(),
                                    reason=f"real MedNIST not found at {SHARED} (the ../shared/data folder)")
 
@@ -432,11 +395,3 @@ def test_cpu_config_on_real_mednist(tmp_path, name):
     assert r["cost"][-1]["memory_exemplars"] == 30
     if name == "icarl":
         assert len(r["extra"]["cnn"]["acc"]) == 3
-
-
-@pytest.mark.slow
-def test_export_traces_every_method(e2e_runs, tmp_path):
-    """iCaRL's NME branch, BiC's bias layers and WA's head all trace with torch.export (any batch size)."""
-    for name, run_dir in e2e_runs.items():
-        proc = run_cli("export", str(run_dir), "--out", str(tmp_path / f"{name}.pt2"))
-        assert proc.returncode == 0, proc.stderr[-2000:]

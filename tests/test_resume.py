@@ -1,6 +1,7 @@
 """Runs that survive: real `dynammo run` subprocesses killed (SIGKILL) or interrupted (SIGINT) in
-the middle of a task and resumed end where an uninterrupted run ends, bit for bit; every method
-resumes exactly; eval recomputes the recorded metrics; unsafe or foreign checkpoints are refused."""
+the middle of a task and resumed end where an uninterrupted run ends, bit for bit (every method
+resumes exactly: tests/test_method_contract.py); eval recomputes the recorded metrics; unsafe or
+foreign checkpoints are refused."""
 from __future__ import annotations
 
 import json
@@ -17,10 +18,8 @@ import yaml
 
 from dynammo.config import load_config
 from dynammo.console import Console
-from dynammo.engine import Engine
 from dynammo.errors import UserError
-from dynammo.methods import METHODS
-from dynammo.runner import resume_run, run_single
+from dynammo.runner import run_single
 from test_cli_e2e import ROOT, assert_user_error, run_cli
 
 # DynaMMo: several stages per task (backbone, adapters, heads), so a kill lands inside a multi-stage task
@@ -123,50 +122,6 @@ def test_sigterm_between_tasks_keeps_the_task_checkpoint(uninterrupted, tmp_path
     proc = run_cli("resume", str(out))
     assert proc.returncode == 0, proc.stderr
     assert accuracies(out) == uninterrupted
-
-
-# ---------------- every method resumes exactly (in-process, stop requested at an epoch end) ----------------
-
-TINY = {"dataset": "digits", "backbone": "resnet20", "img_size": 8, "max_train_per_class": 10, "epochs": 2,
-        "init_cls": 4, "increment": 3, "batch_size": 16, "progress": "false", "plots": False, "tensorboard": False}
-MEMORY = {"memory_size": 30}
-
-
-def tiny_config(name):
-    path = ROOT / "configs" / name / "digits.yaml"
-    overrides = [f"{k}={v}" for k, v in {**TINY, **(MEMORY if METHODS.get(name).uses_memory else {})}.items()]
-    return load_config(str(path) if path.is_file() else None, [f"method={name}", *overrides])
-
-
-@pytest.mark.parametrize("name", METHODS.names())
-def test_every_method_resumes_exactly(name, tmp_path, monkeypatch, single_thread):
-    cfg = tiny_config(name)
-    reference = run_single(cfg.copy(), tmp_path / "ref", Console(progress="false", quiet=True))
-
-    engines = []
-    original_init = Engine.__init__
-
-    def remember(self, *a, **k):
-        original_init(self, *a, **k)
-        engines.append(self)
-
-    original_print = Console.print
-
-    def stop_after_first_epoch_of_task_2(self, msg=""):
-        if engines and "task 2/3" in msg and " epoch 1/" in msg:
-            engines[-1].stop_requested = "SIGINT"
-        return original_print(self, msg)
-
-    monkeypatch.setattr(Engine, "__init__", remember)
-    monkeypatch.setattr(Console, "print", stop_after_first_epoch_of_task_2)
-    with pytest.raises(UserError, match="SIGINT"):
-        run_single(cfg.copy(), tmp_path / "cut", Console(progress="false", quiet=True))
-    monkeypatch.undo()
-    assert (tmp_path / "cut" / "checkpoints" / "task_0.pt").is_file()
-    resumed = resume_run(tmp_path / "cut", Console(progress="false", quiet=True))
-    assert resumed["acc_matrix"] == reference["acc_matrix"]
-    for key in ("extra", "task_id_acc"):
-        assert resumed.get(key) == reference.get(key)
 
 
 # ---------------- eval, main.py --checkpoint_dir, foreign and unsafe checkpoints ----------------

@@ -111,6 +111,15 @@ def _cmd_predict(args) -> int:
     return 0
 
 
+def key_line(key, opt) -> str:
+    """One key of `dynammo list --keys`: type, default, valid range or choices, paper value, help."""
+    valid = "|".join(map(str, opt.choices)) if opt.choices else opt.range_text()
+    from dynammo.config import NOT_DECLARED
+
+    paper = f" [paper: {opt.faithful}]" if opt.faithful is not NOT_DECLARED else ""
+    return f"  {key:<22} {opt.kind:<12} {opt.default!r:<12} {valid:<18} {opt.help}{paper}"
+
+
 def _cmd_list(args) -> int:
     from dynammo.config import OPTIONS
     from dynammo.data.datasets import DATASETS
@@ -119,15 +128,15 @@ def _cmd_list(args) -> int:
     from dynammo.protocols import describe, methods_tuned_for, protocol_names, protocol_path
 
     if args.keys:
-        print("config keys (type, default):")
+        print("config keys (type, default, valid values, help):")
         for key, opt in OPTIONS.items():
-            print(f"  {key:<20} {opt.kind:<12} {opt.default!r:<12} {opt.help}")
+            print(key_line(key, opt))
         for name in METHODS.names():
             opts = METHODS.get(name).options
             if opts:
                 print(f"keys of method {name}:")
                 for key, opt in opts.items():
-                    print(f"  {key:<20} {opt.kind:<12} {opt.default!r:<12} {opt.help}")
+                    print(key_line(key, opt))
         return 0
     print("protocols (dynammo run -c PROTOCOL -c METHOD; methods tuned for it in brackets):")
     for name in protocol_names():
