@@ -234,15 +234,3 @@ def test_replay_config_on_real_mednist(tmp_path):
     assert sorted(r["class_names"]) == ["AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT"]
     assert r["cost"][-1]["memory_exemplars"] == 30
     assert r["cost"][-1]["memory_bytes"] == 30 * 32 * 32
-
-
-def test_no_config_runs_the_embedded_dynammo_default(tmp_path):
-    out = tmp_path / "default"
-    proc = run_cli("run", "--out", str(out), "epochs=1", "backbone_epochs=1", "epochs_finetune=1",
-                   "max_train_per_class=20", "img_size=8", "backbone=resnet20", "progress=false")
-    assert proc.returncode == 0, proc.stderr
-    r = json.loads((out / "results.json").read_text())
-    assert (r["method"], r["dataset"], r["status"]) == ("dynammo", "digits", "complete")
-    assert len(r["tasks"]) == 5 and len(r["task_id_acc"]) == 5
-    # one merged forward pass: inference cost does not grow with the tasks
-    assert r["cost"][-1]["inference_gflops"] == pytest.approx(r["cost"][1]["inference_gflops"], rel=0.01)

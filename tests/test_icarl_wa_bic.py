@@ -50,8 +50,9 @@ def test_registered_with_aliases_and_faithful_defaults():
         assert METHODS.get(name).uses_memory and METHODS.get(name).options["T"].default == 2.0
     assert METHODS.get("icarl").options["distill_loss"].default == "kd"  # the reference's loss
     assert METHODS.get("icarl").options["nme_flip"].default is False
-    assert METHODS.get("wa").options["kd_weight"].default == "sum"
-    assert METHODS.get("wa").options["weight_clipping"].default is True
+    assert METHODS.get("wa").options["wa_preset"].default == "paper"  # the paper's recipe by default
+    assert METHODS.get("wa").options["kd_weight"].default is None  # null: the preset's
+    assert METHODS.get("wa").options["weight_clipping"].default is None
     assert METHODS.get("bic").options["kd_weight"].default == "adaptive"  # lambda = n_old / n_seen
     assert METHODS.get("bic").options["split_ratio"].default == 0.1
 
@@ -266,6 +267,74 @@ def test_wa_aligns_after_each_task_and_clips_weights():
     unclipped = make_method("wa", weight_clipping=False)
     run_task(unclipped, t0)
     assert (unclipped.net.head.fc.weight < 0).any()
+
+
+@pytest.mark.parametrize("preset,overrides,recipe", [
+    ("paper", {}, {"kd_weight": "adaptive", "weight_clipping": True}),  # Zhao et al. 2020
+    ("reference", {}, {"kd_weight": "sum", "weight_clipping": False}),  # CL_Pytorch
+    ("paper", {"weight_clipping": False}, {"kd_weight": "adaptive", "weight_clipping": False}),  # a key overrides
+    ("reference", {"kd_weight": "adaptive"}, {"kd_weight": "adaptive", "weight_clipping": False}),
+])
+def test_wa_presets_resolve_the_ce_kd_weights_and_the_clipping(preset, overrides, recipe):
+    m = make_method("wa", wa_preset=preset, **overrides)
+    assert m.recipe == recipe
+    t0, t1 = m.scenario.tasks[:2]
+    run_task(m, t0)
+    assert bool((m.net.head.fc.weight >= 0).all()) == recipe["weight_clipping"]
+    assert (m.net.head.fc.bias < 0).any()  # only the weights are clipped, never the bias
+    m.begin_task(t1)
+    batch = batch_of(m, m.training_set(t1), 16)
+    loss, logits, _ = m.step(batch)
+    with torch.no_grad():
+        ce, kd = F.cross_entropy(logits, batch.y), kd_loss(logits, m.old_net(batch.x), 2.0)
+    lam = t0.size / t1.end
+    want = (1 - lam) * ce + lam * kd if recipe["kd_weight"] == "adaptive" else ce + kd
+    torch.testing.assert_close(loss, want)
+
+
+def test_wa_default_is_the_papers_adaptive_loss_not_ce_plus_kd():
+    """The old default mixed CL_Pytorch's CE + KD with the paper's clipping; the default is now the paper's."""
+    m = make_method("wa")
+    t0, t1 = m.scenario.tasks[:2]
+    run_task(m, t0)
+    m.begin_task(t1)
+    batch = batch_of(m, m.training_set(t1), 16)
+    loss, logits, _ = m.step(batch)
+    with torch.no_grad():
+        ce, kd = F.cross_entropy(logits, batch.y), kd_loss(logits, m.old_net(batch.x), 2.0)
+    lam = t0.size / t1.end
+    torch.testing.assert_close(loss, (1 - lam) * ce + lam * kd)
+    assert not torch.allclose(loss, ce + kd)
+
+
+def test_wa_teacher_is_the_aligned_network_of_the_previous_task():
+    m = make_method("wa", wa_preset="reference")
+    t0, t1, t2 = m.scenario.tasks[:3]
+    run_task(m, t0)
+    run_task(m, t1)  # aligned at the end of its training
+    aligned = m.net.head.fc.weight.detach().clone()
+    m.begin_task(t2)
+    assert torch.equal(m.old_net.head.fc.weight, aligned)
+
+
+def test_wa_deviations_name_the_preset_and_each_override():
+    from dynammo.config import build_config
+
+    wa = METHODS.get("wa")
+    cfg = lambda **kw: build_config({"method": "wa", "dataset": "digits", **kw})  # noqa: E731
+    assert wa.deviations(cfg()) == [] and wa.label(cfg()) == "wa"
+    assert wa.deviations(cfg(kd_weight="adaptive", weight_clipping=True)) == []  # the paper's values, spelt out
+    ref = wa.deviations(cfg(wa_preset="reference"))
+    assert len(ref) == 1 and "reference preset" in ref[0] and "CL_Pytorch" in ref[0] and "no weight clipping" in ref[0]
+    assert wa.label(cfg(wa_preset="reference")) == "wa [wa_preset=reference]"
+    no_clip = wa.deviations(cfg(weight_clipping=False))
+    assert len(no_clip) == 1 and "without weight clipping" in no_clip[0] and "weight_clipping=False" in no_clip[0]
+    summed = wa.deviations(cfg(kd_weight="sum"))
+    assert len(summed) == 1 and "CE + KD (sum; kd_weight=sum)" in summed[0]
+    # the reference preset with the paper's loss departs from the paper in the clipping only
+    mixed = wa.deviations(cfg(wa_preset="reference", kd_weight="adaptive"))
+    assert len(mixed) == 1 and "wa_preset=reference" in mixed[0] and "clipping" in mixed[0]
+    assert wa.label(cfg(wa_preset="reference", kd_weight="adaptive")) == "wa [wa_preset=reference, kd_weight=adaptive]"
 
 
 # ---------------------------------------------------------------- BiC

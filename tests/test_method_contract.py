@@ -228,6 +228,8 @@ def test_cost_command_gives_the_recorded_cost(name, tiny_run, capsys):
         assert row["params_total"] == rec["params_total"]
         # every class has more training images than its quota, so the memory is exactly the budget
         assert row["memory_exemplars"] == rec["memory_exemplars"]
+        # of raw uint8 8x8 grayscale images; a method may store more per exemplar (DER++: logits)
+        assert row["memory_bytes"] == 8 * 8 * row["memory_exemplars"] <= rec["memory_bytes"]
 
 
 # ---------------------------------------------------------------- the runner's eval-mode check
@@ -299,4 +301,4 @@ def test_restore_export_and_cost_refuse_a_method_that_leaves_a_module_training(t
         export_run(run_dir, tmp_path / "model.pt2")
     assert not (tmp_path / "model.pt2").exists()
     with pytest.raises(RuntimeError, match="left modules in training mode"):
-        main(["cost", "-c", str(run_dir / "config.yaml"), "--json"])
+        main(["cost", *method_helpers.tiny_run_args("replay"), "--json"])

@@ -39,7 +39,9 @@ def structure_costs(method, scenario, example: torch.Tensor) -> list:
     from dynammo.methods.base import check_eval_mode
 
     rows = []
-    per_image_bytes = example[0].numel()  # uint8 exemplars: one byte per value
+    # exemplars are raw uint8 images (one byte per value), not the normalised float input `example`,
+    # which a transform may have expanded (a grayscale image is fed to the backbone as 3 channels)
+    per_image_bytes = scenario.test.get(torch.tensor([0]))[0].numel()
     for task in scenario.tasks:
         method.grow(task)
         method.eval_mode()

@@ -129,7 +129,8 @@ def _load_source(source: str) -> Layer:
     path = Path(source)
     if path.suffix in (".yaml", ".yml") or path.is_file():
         values = _canonical_keys(read_yaml(path))
-        if "protocol" in values and values["protocol"] is not None:
+        # a protocol file names its protocol and no method; a run's config.yaml names both (a full config)
+        if values.get("protocol") is not None and "method" not in values:
             check_protocol_values(values, f"protocol file {path}")
             return Layer(f"protocol {values['protocol']} ({path})", "protocol", values)
         return Layer(f"config file {path}", "file", values)

@@ -126,6 +126,12 @@ class ICaRL(DistillMethod):
         # NME is the headline; its task-IL prediction is the nearest mean within the task's classes
         return {"logits": logits, "pred": scores.argmax(1), "task_il_logits": scores, "pred_cnn": logits.argmax(1)}
 
+    def grow(self, task: Task) -> None:
+        """Structure without data: placeholder class means, so `dynammo cost` runs the NME step too."""
+        super().grow(task)
+        if self.class_means is None or len(self.class_means) < self.total:
+            self.class_means = torch.zeros(self.total, self.net.backbone.out_dim)
+
     # ---- checkpoints ----
     def extra_state(self) -> dict:
         return {"class_means": self.class_means}
