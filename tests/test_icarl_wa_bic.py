@@ -307,6 +307,27 @@ def test_wa_default_is_the_papers_adaptive_loss_not_ce_plus_kd():
     assert not torch.allclose(loss, ce + kd)
 
 
+def test_wa_new_rows_start_as_the_reference_frameworks_not_nn_linear():
+    """PyCIL's and CL_Pytorch's head: kaiming-uniform with the linear gain (row norm ~1), zero bias. nn.Linear's
+    default rows are ~0.58x as long; after a short budget the new rows then stay shorter than the old ones, gamma
+    goes well above 1 and the alignment hands the old classes to the new ones (MedNIST 3x2, ResNet-32)."""
+    m = make_method("wa")
+    t0, t1 = m.scenario.tasks[:2]
+    run_task(m, t0)
+    old_w, old_b = m.net.head.fc.weight.detach().clone(), m.net.head.fc.bias.detach().clone()
+    m.begin_task(t1)
+    fc, d = m.net.head.fc, m.net.head.fc.in_features
+    assert torch.equal(fc.weight[: t0.size], old_w) and torch.equal(fc.bias[: t0.size], old_b)
+    new = fc.weight[t0.size:].detach()
+    bound = (3.0 / d) ** 0.5
+    assert new.abs().max() <= bound and new.abs().max() > 0.9 * bound  # U(-sqrt(3/d), sqrt(3/d)), not 1/sqrt(d)
+    assert torch.equal(fc.bias[t0.size:], torch.zeros(t1.size))
+    torch_init = make_method("wa", fc_init="torch")
+    torch_init.begin_task(t0)
+    assert torch_init.net.head.fc.weight.abs().max() <= d ** -0.5 and (torch_init.net.head.fc.bias != 0).all()
+    assert any("fc_init=torch" in line for line in METHODS.get("wa").deviations(torch_init.cfg))
+
+
 def test_wa_teacher_is_the_aligned_network_of_the_previous_task():
     m = make_method("wa", wa_preset="reference")
     t0, t1, t2 = m.scenario.tasks[:3]
