@@ -21,10 +21,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dynammo.config import parse_overrides
+from dynammo.config import parse_overrides, read_yaml
 from dynammo.methods import METHODS
 from dynammo.protocols import PROTOCOL_KEYS, protocol_names, read_protocol, shipped_method_file
-from dynammo.config import read_yaml
 
 
 def fail(msg: str) -> None:

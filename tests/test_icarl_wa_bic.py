@@ -269,6 +269,16 @@ def test_wa_aligns_after_each_task_and_clips_weights():
     assert (unclipped.net.head.fc.weight < 0).any()
 
 
+def wa_loss_parts(m, t0, t1):
+    """WA's loss on a task-2 batch, with its CE and KD terms computed by hand and lambda = n_old / n_seen."""
+    m.begin_task(t1)
+    batch = batch_of(m, m.training_set(t1), 16)
+    loss, logits, _ = m.step(batch)
+    with torch.no_grad():
+        ce, kd = F.cross_entropy(logits, batch.y), kd_loss(logits, m.old_net(batch.x), 2.0)
+    return loss, ce, kd, t0.size / t1.end
+
+
 @pytest.mark.parametrize("preset,overrides,recipe", [
     ("paper", {}, {"kd_weight": "adaptive", "weight_clipping": True}),  # Zhao et al. 2020
     ("reference", {}, {"kd_weight": "sum", "weight_clipping": False}),  # CL_Pytorch
@@ -282,12 +292,7 @@ def test_wa_presets_resolve_the_ce_kd_weights_and_the_clipping(preset, overrides
     run_task(m, t0)
     assert bool((m.net.head.fc.weight >= 0).all()) == recipe["weight_clipping"]
     assert (m.net.head.fc.bias < 0).any()  # only the weights are clipped, never the bias
-    m.begin_task(t1)
-    batch = batch_of(m, m.training_set(t1), 16)
-    loss, logits, _ = m.step(batch)
-    with torch.no_grad():
-        ce, kd = F.cross_entropy(logits, batch.y), kd_loss(logits, m.old_net(batch.x), 2.0)
-    lam = t0.size / t1.end
+    loss, ce, kd, lam = wa_loss_parts(m, t0, t1)
     want = (1 - lam) * ce + lam * kd if recipe["kd_weight"] == "adaptive" else ce + kd
     torch.testing.assert_close(loss, want)
 
@@ -297,12 +302,7 @@ def test_wa_default_is_the_papers_adaptive_loss_not_ce_plus_kd():
     m = make_method("wa")
     t0, t1 = m.scenario.tasks[:2]
     run_task(m, t0)
-    m.begin_task(t1)
-    batch = batch_of(m, m.training_set(t1), 16)
-    loss, logits, _ = m.step(batch)
-    with torch.no_grad():
-        ce, kd = F.cross_entropy(logits, batch.y), kd_loss(logits, m.old_net(batch.x), 2.0)
-    lam = t0.size / t1.end
+    loss, ce, kd, lam = wa_loss_parts(m, t0, t1)
     torch.testing.assert_close(loss, (1 - lam) * ce + lam * kd)
     assert not torch.allclose(loss, ce + kd)
 

@@ -92,9 +92,13 @@ class DistillMethod(Method):
     def training_set(self, task: Task) -> ImageSet:
         return ImageSet.concat([self.scenario.train_data(task), self.memory.as_imageset()])
 
+    def kd_weight(self) -> str:
+        """How CE and KD combine: "adaptive" or "sum" (WA takes it from its preset)."""
+        return self.cfg.kd_weight
+
     def lamda(self) -> float:
         """Weight l of the KD term: loss = (1 - l) CE + l KD ("adaptive") or CE + KD ("sum", l = 1)."""
-        if self.cfg.kd_weight == "adaptive":
+        if self.kd_weight() == "adaptive":
             return self.known / self.total
         return 1.0
 
@@ -111,7 +115,7 @@ class DistillMethod(Method):
         if self.old_net is None:
             return ce, logits, batch.y
         lam = self.lamda()
-        ce_weight = 1.0 - lam if self.cfg.kd_weight == "adaptive" else 1.0
+        ce_weight = 1.0 - lam if self.kd_weight() == "adaptive" else 1.0
         return ce_weight * ce + lam * self.distill(logits, batch), logits, batch.y
 
     def end_task(self, task: Task) -> None:

@@ -42,11 +42,10 @@ from __future__ import annotations
 from typing import Dict, List
 
 import torch
-import torch.nn.functional as F
 
 from dynammo.config import Option
 from dynammo.data.scenario import Task
-from dynammo.engine import Batch, OptimSettings
+from dynammo.engine import OptimSettings
 from dynammo.methods import METHODS
 from dynammo.methods.distill import DistillMethod, kd_options
 
@@ -148,17 +147,8 @@ class WA(DistillMethod):
             init_rows(self.net.head.fc, task.start)
 
     # ---- training ----
-    def lamda(self) -> float:
-        return self.known / self.total if self.recipe["kd_weight"] == "adaptive" else 1.0
-
-    def step(self, batch: Batch):
-        logits = self.net(batch.x)
-        ce = F.cross_entropy(logits, batch.y)
-        if self.old_net is None:
-            return ce, logits, batch.y
-        lam = self.lamda()
-        ce_weight = 1.0 - lam if self.recipe["kd_weight"] == "adaptive" else 1.0
-        return ce_weight * ce + lam * self.distill(logits, batch), logits, batch.y
+    def kd_weight(self) -> str:
+        return self.recipe["kd_weight"]
 
     def train_task(self, task: Task) -> None:
         self.train_mode()
