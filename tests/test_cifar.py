@@ -247,7 +247,7 @@ def test_download_offline_and_md5(tmp_path, monkeypatch, cifar10_files):
     with pytest.raises(UserError, match="md5"):  # not the official bytes
         raw_load("cifar10", root)
     assert list(root.iterdir()) == []
-    monkeypatch.setattr("dynammo.data.datasets.cifar.md5sum", lambda path: CIFAR10.md5)
+    monkeypatch.setattr("dynammo.data.datasets.files.md5sum", lambda path: CIFAR10.md5)
     raw = raw_load("cifar10", root)
     assert (root / CIFAR10.archive).is_file() and len(raw.train) == 50
 

@@ -122,7 +122,7 @@ def key_line(key, opt) -> str:
 
 def _cmd_list(args) -> int:
     from dynammo.config import OPTIONS
-    from dynammo.data.datasets import DATASETS
+    from dynammo.data.datasets import DATASETS, LAYOUTS
     from dynammo.methods import METHODS
     from dynammo.models.backbones import BACKBONES
     from dynammo.protocols import describe, methods_tuned_for, protocol_names, protocol_path
@@ -149,12 +149,15 @@ def _cmd_list(args) -> int:
         aliases = METHODS.aliases_of(name)
         alias_txt = f" (also: {', '.join(aliases)})" if aliases else ""
         print(f"  {name:<12} {cls.summary}{alias_txt}")
-    medmnist = [n for n in DATASETS.names() if "mnist" in n]
-    print("datasets:")
+    medmnist = [n for n in DATASETS.names() if "mnist" in n and n != "mednist"]
+    print("datasets (name (aliases): what it reads under data_root):")
     for name in DATASETS.names():
         if name not in medmnist:
-            print(f"  {name}")
-    print(f"  MedMNIST: {', '.join(n for n in medmnist if '_' not in n)} (add _64, _128 or _224 for larger sizes)")
+            aliases = DATASETS.aliases_of(name)
+            alias_txt = f" ({', '.join(aliases)})" if aliases else ""
+            print(f"  {name}{alias_txt}: {LAYOUTS[name]}")
+    print(f"  MedMNIST: {', '.join(n for n in medmnist if '_' not in n)} (add _64, _128 or _224 for larger sizes): "
+          "data_root/<name>.npz (downloaded when missing)")
     print("backbones:")
     print("  " + ", ".join(BACKBONES.names()))
     return 0

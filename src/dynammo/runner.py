@@ -178,7 +178,9 @@ class Progress:
         results = {
             "method": cfg.method, "label": method_cls.label(cfg), "protocol": protocol_record(cfg),
             "metric": cfg.metric, "deviations": method_cls.deviations(cfg), "budget": [],
-            "dataset": "+".join(data.names), "backbone": cfg.backbone, "seed": cfg.seed,
+            "dataset": "+".join(data.names), "data_split": data.split_text(),
+            "class_counts": {"train": [c[1] for c in data.class_counts()], "test": [c[2] for c in data.class_counts()]},
+            "backbone": cfg.backbone, "seed": cfg.seed,
             "class_order": scenario.class_order, "tasks": scenario.classes_of_tasks(),
             "class_names": scenario.class_names, "cost": [], "versions": versions(), "status": "running",
         }
@@ -319,6 +321,8 @@ def _train_all_tasks(cfg, method, engine, data, scenario, writer, console, progr
     console.print(f"{cfg.method} on {ds_name}: {data.num_classes} classes, {len(scenario)} tasks "
                   f"{[t.size for t in scenario.tasks]}, {len(scenario.train)} train / {len(scenario.test)} test images, "
                   f"backbone {cfg.backbone}, device {engine.device}, seed {cfg.seed}")
+    console.print(f"split: {data.split_text()}")
+    console.print(data.describe_classes())
     example = engine.test_tf(scenario.test.get(torch.tensor([0])).to(engine.device))
     for task in scenario.tasks[progress.next_task:]:
         engine.task_label = f"task {task.id + 1}/{len(scenario)}"

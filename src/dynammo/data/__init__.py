@@ -27,6 +27,27 @@ class LoadedData:
     std: Tuple[float, ...]
     flip: bool
     stream_sizes: Optional[List[int]] = None  # classes per dataset of a stream (one task each)
+    splits: Optional[List[str]] = None  # how each part's train/test split was made
+
+    def split_text(self) -> str:
+        parts = self.splits or ["official"]
+        if len(parts) == 1:
+            return parts[0]
+        return "; ".join(f"{n}: {s}" for n, s in zip(self.names, parts))
+
+    def class_counts(self) -> List[Tuple[str, int, int]]:
+        """(class name, training images, test images) per class id, after subsampling."""
+        n = self.num_classes
+        train = torch.bincount(self.train.labels, minlength=n).tolist()
+        test = torch.bincount(self.test.labels, minlength=n).tolist()
+        return list(zip(self.class_names, train, test))
+
+    def describe_classes(self, limit: int = 40) -> str:
+        """One line: each class with its train/test counts (the first `limit` of a large dataset)."""
+        rows = self.class_counts()
+        text = ", ".join(f"{name} {tr}/{te}" for name, tr, te in rows[:limit])
+        more = f", ... ({len(rows) - limit} more)" if len(rows) > limit else ""
+        return f"classes (train/test images): {text}{more}"
 
     @property
     def num_classes(self) -> int:
@@ -121,7 +142,7 @@ def _prepare(raw: RawDataset, cfg, seed: int) -> RawDataset:
                         f"({exc.__class__.__name__}); lower img_size or max_train_per_class") from None
     if cfg.img_size is None and not train.in_memory:
         raise UserError(f"dataset {raw.name} is read from files lazily; set img_size=N so every image has one size")
-    return RawDataset(raw.name, raw.class_names, train, test, raw.flip)
+    return RawDataset(raw.name, raw.class_names, train, test, raw.flip, raw.split)
 
 
 def load_one(name: str, cfg, seed: int, root) -> RawDataset:
@@ -167,4 +188,4 @@ def load_data(cfg, seed: int) -> LoadedData:
             "add images or lower test_fraction"
         )
     return LoadedData(names, class_names, train, test, mean, std, flip,
-                      [len(p.class_names) for p in parts] if stream else None)
+                      [len(p.class_names) for p in parts] if stream else None, [p.split for p in parts])

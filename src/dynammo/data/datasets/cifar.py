@@ -20,11 +20,8 @@ no official file has, is remapped to sorted ids.) CIFAR-100's 20 coarse labels a
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import tarfile
-import tempfile
-import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +30,8 @@ from typing import Dict, List, Tuple
 import numpy as np
 import torch
 
-from dynammo.data.datasets import DATASETS, RawDataset
-from dynammo.data.datasets.medmnist import md5sum
+from dynammo.data.datasets import RawDataset, dataset
+from dynammo.data.datasets.files import download_file
 from dynammo.data.imageset import ImageSet
 from dynammo.errors import UserError
 
@@ -146,26 +143,7 @@ def read_archive(path: Path, spec: CifarSpec) -> Files:
 
 
 def download(spec: CifarSpec, root: Path) -> Path:
-    """Download the tarball into root via a temp file, check its md5, then move it into place."""
-    dest = root / spec.archive
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{spec.archive}.", dir=dest.parent)
-    os.close(fd)
-    try:
-        try:
-            urllib.request.urlretrieve(spec.url, tmp)
-        except OSError as exc:
-            raise UserError(
-                f"{spec.title} not found in {root} and could not be downloaded ({exc.__class__.__name__}); "
-                f"download {spec.url} (md5 {spec.md5}) into {root}"
-            ) from exc
-        got = md5sum(Path(tmp))
-        if got != spec.md5:
-            raise UserError(f"downloaded {spec.archive} has md5 {got}, expected {spec.md5}; try the download again")
-        os.replace(tmp, dest)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return dest
+    return download_file(spec.url, root / spec.archive, spec.md5, spec.title)
 
 
 def read_files(spec: CifarSpec, root: Path, allow_download: bool) -> Files:
@@ -236,4 +214,4 @@ def load_cifar(spec: CifarSpec, cfg, root: Path) -> RawDataset:
 
 
 for _spec in (CIFAR10, CIFAR100):
-    DATASETS.register(_spec.name)(lambda cfg, root, seed, spec=_spec: load_cifar(spec, cfg, root))
+    dataset(_spec.name, f"data_root/{_spec.archive} or data_root/{_spec.folder}/ (downloaded when missing)")(lambda cfg, root, seed, spec=_spec: load_cifar(spec, cfg, root))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dynammo.data.datasets import DATASETS, RawDataset
+from dynammo.data.datasets import RawDataset, dataset
 from dynammo.data.datasets.folder import guess_channels, split_sources
 from dynammo.data.imageset import ImageSet
 from dynammo.errors import UserError
@@ -42,7 +42,7 @@ def sort_key(name: str):
     return (0, int(name), "") if name.lstrip("-").isdigit() else (1, 0, name)
 
 
-@DATASETS.register("csv")
+@dataset("csv", "a CSV of path,label rows: data_root/{train,test}.csv, data_root/labels.csv or data_root=FILE.csv")
 def load(cfg, root, seed) -> RawDataset:
     root = Path(root)
     if root.is_dir() and (root / "train.csv").is_file() and (root / "test.csv").is_file():

@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dynammo.data.datasets import DATASETS, RawDataset
+from dynammo.data.datasets import RawDataset, dataset
 from dynammo.data.imageset import ImageSet, stratified_split
 
 
-@DATASETS.register("digits")
+@dataset("digits", "no files: scikit-learn's bundled 8x8 digits")
 def load(cfg, root, seed) -> RawDataset:
     from sklearn.datasets import load_digits
 
@@ -23,4 +23,5 @@ def load(cfg, root, seed) -> RawDataset:
         train=ImageSet(labs[train_idx], images=imgs[train_idx]),
         test=ImageSet(labs[test_idx], images=imgs[test_idx]),
         flip=False,  # a mirrored digit is not the same digit
+        split=f"seeded stratified split, test_fraction {cfg.test_fraction}, seed {seed}",
     )

@@ -10,7 +10,7 @@ from typing import List, Tuple
 
 import numpy as np
 
-from dynammo.data.datasets import DATASETS, RawDataset
+from dynammo.data.datasets import RawDataset, dataset
 from dynammo.data.imageset import ImageSet, stratified_split
 from dynammo.errors import UserError
 
@@ -61,10 +61,11 @@ def split_sources(name, class_names, sources, labels, cfg, seed, flip=True) -> R
     channels = guess_channels(sources)
     train_idx, test_idx = stratified_split(labels, cfg.test_fraction, seed)
     mk = lambda idx: ImageSet(labels[idx], sources=[sources[i] for i in idx], channels=channels, size=cfg.img_size)
-    return RawDataset(name, class_names, mk(train_idx), mk(test_idx), flip=flip)
+    return RawDataset(name, class_names, mk(train_idx), mk(test_idx), flip=flip,
+                      split=f"seeded stratified split, test_fraction {cfg.test_fraction}, seed {seed}")
 
 
-@DATASETS.register("folder", aliases=("imagefolder",))
+@dataset("folder", "data_root/<class>/<image>, or data_root/{train,test}/<class>/<image>", aliases=("imagefolder",))
 def load(cfg, root, seed) -> RawDataset:
     root = Path(root)
     if (root / "train").is_dir() and (root / "test").is_dir():

@@ -7,10 +7,6 @@ When the file is missing it is downloaded from the official Zenodo record and it
 """
 from __future__ import annotations
 
-import hashlib
-import os
-import tempfile
-import urllib.request
 import zipfile
 import zlib
 from pathlib import Path
@@ -18,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dynammo.data.datasets import DATASETS, RawDataset
+from dynammo.data.datasets import RawDataset, dataset
 from dynammo.data.imageset import ImageSet
+from dynammo.data.datasets.files import download_file
 from dynammo.errors import UserError
 
 ZENODO = "https://zenodo.org/records/10519652/files/{file}?download=1"
@@ -68,34 +65,9 @@ SIZES = ("", "_64", "_128", "_224")
 KEYS = ("train_images", "train_labels", "test_images", "test_labels")
 
 
-def md5sum(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def download(flag: str, file: str, dest: Path) -> None:
-    """Download to a temp file, check the md5 (when known), then move into place."""
-    url = ZENODO.format(file=file)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{file}.", dir=dest.parent)
-    os.close(fd)
-    try:
-        try:
-            urllib.request.urlretrieve(url, tmp)
-        except OSError as exc:
-            raise UserError(
-                f"MedMNIST file {dest} not found and could not be downloaded ({exc.__class__.__name__}); "
-                f"download {url} (md5 {MD5_28.get(flag, 'see medmnist.com') if file == flag + '.npz' else 'see medmnist.com'}) into {dest.parent}"
-            ) from exc
-        want = MD5_28.get(flag) if file == f"{flag}.npz" else None
-        if want is not None and md5sum(Path(tmp)) != want:
-            raise UserError(f"downloaded {file} has the wrong md5 (expected {want}); try the download again")
-        os.replace(tmp, dest)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    md5 = MD5_28.get(flag) if file == f"{flag}.npz" else None  # known for the 28 px files only
+    download_file(ZENODO.format(file=file), dest, md5, f"MedMNIST file {dest.name}")
 
 
 def read_npz(path: Path, flag: str):
@@ -149,4 +121,4 @@ def make_loader(flag: str, suffix: str):
 
 for _flag in FLAGS:
     for _suffix in SIZES:
-        DATASETS.register(f"{_flag}{_suffix}")(make_loader(_flag, _suffix))
+        dataset(f"{_flag}{_suffix}", f"data_root/{_flag}{_suffix}.npz (downloaded when missing)")(make_loader(_flag, _suffix))

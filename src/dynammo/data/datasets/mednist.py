@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dynammo.data.datasets import DATASETS, RawDataset
+from dynammo.data.datasets import RawDataset, dataset
 from dynammo.data.datasets.folder import is_image, scan_class_folders, split_sources
 from dynammo.errors import UserError
 
@@ -54,7 +54,7 @@ def find_folder_inner(folder: Path) -> Path:
     return folder
 
 
-@DATASETS.register("mednist")
+@dataset("mednist", "data_root/mednist.tar.gz, or data_root/MedNIST/<Class>/*.jpeg")
 def load(cfg, root, seed) -> RawDataset:
     root = Path(root)
     archive = root if root.is_file() else next((root / n for n in ARCHIVE_NAMES if (root / n).is_file()), None)
