@@ -142,8 +142,9 @@ def test_skin8_protocol_reports_mcr():
     assert load_config(["skin8_acl", "acl"]).metric == "mcr"
 
 
-@pytest.mark.parametrize("name,missing", [("path16_acl", "unknown dataset 'path16'"),
-                                          ("skin8_acl", "unknown dataset 'skin8'"),
+@pytest.mark.parametrize("name,missing", [("path16_acl", "PATH16 not found under"),
+                                          ("skin8_acl", "SKIN8 (ISIC 2019) not found under"),
+                                          ("skin40_scratch", "SKIN40 (SD-198) not found under"),
                                           ("cifar100_acl", "CIFAR-100 not found")])
 def test_a_protocol_whose_data_is_missing_fails_with_one_line(tmp_path, name, missing):
     r = subprocess.run([sys.executable, "-m", "dynammo", "run", "-c", name, "-c", "acl", "--out", str(tmp_path / "r"),
@@ -173,3 +174,22 @@ def test_a_run_records_protocol_deviations_and_budget(tmp_path, single_thread):
     assert "acl: protocol digits #" + res["protocol"]["hash"] in log and "deviation: backbone trained" in log
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["protocol"] == "digits"
+
+
+def test_medmnist4_builds_one_task_per_dataset_in_order(tmp_path, write_npz, single_thread):
+    """The reference framework's MedMNIST stream: BloodMNIST 8, OrganAMNIST 11, PathMNIST 9,
+    TissueMNIST 8 classes, one task each, in that order."""
+    from dynammo.data import load_data
+    from dynammo.data.scenario import Scenario
+
+    for flag, n, rgb in (("bloodmnist", 8, True), ("organamnist", 11, False), ("pathmnist", 9, True),
+                         ("tissuemnist", 8, False)):
+        write_npz(tmp_path / f"{flag}.npz", n, per_class=(1, 1, 1), rgb=rgb)
+    cfg = load_config(["medmnist4", "finetune"], [f"data_root={tmp_path}", "img_size=28", "pretrained=false",
+                                                 "download=false"])
+    data = load_data(cfg, 50)
+    sc = Scenario.from_config(data, cfg, 50)
+    assert [t.size for t in sc] == [8, 11, 9, 8]
+    assert [{data.class_names[c].split("/")[0] for c in task} for task in sc.classes_of_tasks()] == \
+        [{"bloodmnist"}, {"organamnist"}, {"pathmnist"}, {"tissuemnist"}]
+    assert data.train.channels == 3 and len(data.train) == 36 and len(data.test) == 36

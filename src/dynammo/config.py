@@ -226,7 +226,8 @@ OPTIONS: Dict[str, Option] = {
                           max=256),
     "max_train_per_class": Option("int", None, "seeded subsample of each class's training images", min=1),
     "max_test_per_class": Option("int", None, "seeded subsample of each class's test images", min=1),
-    "download": Option("bool", True, "download missing dataset files (MedMNIST, CIFAR) when online"),
+    "download": Option("bool", True, "download missing dataset files (MedMNIST, CIFAR, ImageNet-R, TinyImageNet, "
+                                     "CUB-200) when online"),
     "test_fraction": Option("float", 0.2, "test share for datasets without an official split",
                             min=0.0, max=1.0, min_open=True, max_open=True),
     "augment": Option("bool", True, "default training augmentation (random crop + horizontal flip)"),

@@ -31,5 +31,6 @@ class RawDataset:
     split: str = "official"  # how train and test were made (recorded in results.json and the log)
 
 
-for _module in ("digits", "mednist", "medmnist", "cifar", "folder", "csv_list"):
+for _module in ("digits", "mednist", "medmnist", "cifar", "folder", "csv_list", "path16", "skin7", "skin8", "skin40",
+                "imagenet", "imagenet_r", "tinyimagenet", "cub200"):
     importlib.import_module(f"dynammo.data.datasets.{_module}")

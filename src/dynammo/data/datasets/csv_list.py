@@ -1,7 +1,10 @@
 """A CSV of `path,label` rows (header optional); paths relative to the CSV's folder.
 
 `data_root` is the CSV file, or a folder holding `train.csv` and `test.csv` (split kept) or one
-`labels.csv` (seeded stratified split). Labels may be names or integers; ids follow sorted names.
+`labels.csv` (seeded stratified split). Split file names are recognised in any case as the folder
+loader's: train|training, test|testing, val|valid|validation (.csv); with train and val but no test,
+val is the test split; with all three, val is not used; test or val without train is an error; train
+alone gets a seeded stratified split. Labels may be names or integers; ids follow sorted names.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from dynammo.data.datasets import RawDataset, dataset
-from dynammo.data.datasets.folder import guess_channels, split_sources
+from dynammo.data.datasets.folder import choose_splits, guess_channels, split_role, split_sources
 from dynammo.data.imageset import ImageSet
 from dynammo.errors import UserError
 
@@ -42,21 +45,37 @@ def sort_key(name: str):
     return (0, int(name), "") if name.lstrip("-").isdigit() else (1, 0, name)
 
 
-@dataset("csv", "a CSV of path,label rows: data_root/{train,test}.csv, data_root/labels.csv or data_root=FILE.csv")
+def split_files(root: Path) -> dict:
+    """{role: [file names]} of the split CSVs directly in `root` (train.csv, Testing.CSV, valid.csv, ...)."""
+    found: dict = {}
+    for p in sorted(root.iterdir()):
+        if p.is_file() and p.suffix.lower() == ".csv" and split_role(p.stem):
+            found.setdefault(split_role(p.stem), []).append(p.name)
+    return found
+
+
+@dataset("csv", "a CSV of path,label rows: data_root/{train,test}.csv (train|training, test|testing, "
+                "val|valid|validation, any case), data_root/labels.csv or data_root=FILE.csv")
 def load(cfg, root, seed) -> RawDataset:
     root = Path(root)
-    if root.is_dir() and (root / "train.csv").is_file() and (root / "test.csv").is_file():
-        train_rows, test_rows = read_rows(root / "train.csv"), read_rows(root / "test.csv")
+    found = split_files(root) if root.is_dir() else {}
+    text, test_rows = None, None
+    if found:
+        train, test, text = choose_splits(found, root, "file")
+        train_rows = read_rows(root / train)
+        test_rows = read_rows(root / test) if test else None
     else:
         csv_path = root if root.suffix.lower() == ".csv" else root / "labels.csv"
-        train_rows, test_rows = read_rows(csv_path), None
+        if root.is_dir() and not csv_path.is_file():
+            csv_path = next((p for p in sorted(root.iterdir()) if p.name.lower() == "labels.csv"), csv_path)
+        train_rows = read_rows(csv_path)
     names = sorted({r[1] for r in train_rows + (test_rows or [])}, key=sort_key)
     ids = {n: i for i, n in enumerate(names)}
     if test_rows is None:
         paths = [r[0] for r in train_rows]
         labels = np.asarray([ids[r[1]] for r in train_rows], dtype=np.int64)
-        return split_sources("csv", names, paths, labels, cfg, seed)
+        return split_sources("csv", names, paths, labels, cfg, seed, note=text or "")
     channels = guess_channels([r[0] for r in train_rows])
     mk = lambda rows: ImageSet(np.asarray([ids[r[1]] for r in rows]), sources=[r[0] for r in rows],
                                channels=channels, size=cfg.img_size)
-    return RawDataset("csv", names, mk(train_rows), mk(test_rows))
+    return RawDataset("csv", names, mk(train_rows), mk(test_rows), split=text)

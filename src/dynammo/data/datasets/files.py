@@ -93,9 +93,7 @@ def read_split_list(path: Path, base: Path) -> List[Tuple[str, int]]:
     if not rows:
         raise UserError(f"split list {path} lists no images")
     if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise UserError(f"{path} lists {len(missing)} file(s) that do not exist under {base}: "
-                        f"{', '.join(missing[:3])}{more}; point data_root at the folder holding them")
+        raise missing_files_error(path, missing, base)
     return rows
 
 
@@ -105,3 +103,79 @@ def check_class_count(title: str, found: int, expected: int, where: Path) -> Non
     if found != expected:
         raise UserError(f"{title} at {where} has {found} classes, but {title} has {expected}; "
                         "the copy is incomplete or it is another dataset: check the folder")
+
+
+def obtain_archive(root: Path, name: str, url: str, md5: Optional[str], title: str, allow_download: bool,
+                   expected: str) -> Path:
+    """The official archive `root/<name>`: md5-checked when present, else downloaded (when allowed).
+    `expected` says which extracted layout was looked for (named in the not-found error)."""
+    path = Path(root) / name
+    if path.is_file():
+        verify_md5(path, md5, url)
+        return path
+    if not allow_download:
+        md5_txt = f" (md5 {md5})" if md5 else ""
+        raise UserError(f"{title} not found under {root}: expected {expected} or {path}; download {url}{md5_txt} "
+                        f"into {root} (download: false forbids fetching it), or set data_root to the folder holding it")
+    return download_file(url, path, md5, title)
+
+
+def _unsafe_member(name: str) -> bool:
+    parts = Path(name).parts
+    return name.startswith(("/", "\\")) or ".." in parts or (len(parts) > 0 and ":" in parts[0])
+
+
+def extract_archive(archive: Path, dest: Path, title: str) -> None:
+    """Extract a .tar[.gz] / .tgz / .zip into `dest`, refusing members that would land outside it
+    (absolute paths, '..', links pointing out, devices). Extraction goes to a hidden temporary folder
+    inside `dest` first, so an interrupted run never leaves a half-extracted folder that looks whole;
+    a top-level folder that already exists is an error (delete it), a loose top-level file is replaced."""
+    import shutil
+    import tarfile
+    import zipfile
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{archive.name}.extract.", dir=dest))
+    try:
+        try:
+            if zipfile.is_zipfile(archive):
+                with zipfile.ZipFile(archive) as zf:
+                    bad = [n for n in zf.namelist() if _unsafe_member(n)]
+                    if bad:
+                        raise UserError(f"archive {archive} holds a member outside its folder ({bad[0]!r}); "
+                                        f"refused: get the official {title} archive again")
+                    zf.extractall(tmp)
+            else:
+                with tarfile.open(archive, "r:*") as tar:
+                    if hasattr(tarfile, "data_filter"):
+                        tar.extractall(tmp, filter="data")
+                    else:  # Python without extraction filters: check every member first
+                        for m in tar.getmembers():
+                            if _unsafe_member(m.name) or not (m.isfile() or m.isdir()):
+                                raise UserError(f"archive {archive} holds an unsafe member ({m.name!r}); "
+                                                f"refused: get the official {title} archive again")
+                        tar.extractall(tmp)
+        except UserError:
+            raise
+        except Exception as exc:  # tarfile.FilterError, TarError, BadZipFile, EOFError, zlib.error, OSError
+            if isinstance(exc, OSError) and exc.errno is not None:  # writing failed (disk full, permissions)
+                raise UserError(f"extracting {archive} into {dest} failed ({exc}); free disk space or extract "
+                                "it by hand") from exc
+            raise UserError(f"archive {archive} is corrupt, truncated or unsafe ({exc.__class__.__name__}: {exc}); "
+                            f"delete it and get the official {title} archive again") from exc
+        for entry in sorted(tmp.iterdir()):
+            target = dest / entry.name
+            if target.is_dir() or (target.exists() and entry.is_dir()):
+                raise UserError(f"{target} already exists but is not a complete {title} copy; delete it so "
+                                f"{archive.name} can be extracted again")
+            os.replace(entry, target)  # a loose top-level file (CUB's attributes.txt) is replaced
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def missing_files_error(listing: Path, missing: Sequence[str], base: Path) -> UserError:
+    """The error for a list naming files that do not exist (the first three are named)."""
+    more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+    return UserError(f"{listing} lists {len(missing)} file(s) that do not exist under {base}: "
+                     f"{', '.join(missing[:3])}{more}; point data_root at the folder holding them")
