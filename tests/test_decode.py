@@ -40,3 +40,23 @@ def test_small_and_non_jpeg_images_are_not_reduced():
     Image.fromarray(np.full((600, 600), 77, np.uint8)).save(buf, format="PNG")
     gray = decode_image(buf.getvalue(), channels=1, size=64)
     assert gray.shape == (1, 64, 64) and int(gray.min()) == int(gray.max()) == 77
+
+
+def test_corrupt_file_in_a_worker_is_one_line_naming_it(tmp_path):
+    import pytest
+    import torch
+
+    from dynammo.data.imageset import ImageSet
+    from dynammo.data.loader import iterate_batches
+    from dynammo.errors import UserError
+
+    good = tmp_path / "good.jpg"
+    good.write_bytes(smooth_jpeg(64, 64))
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    images = ImageSet(torch.tensor([0, 1]), sources=[str(good), str(bad)], channels=3, size=32)
+    for workers in (0, 1):
+        with pytest.raises(UserError) as exc:
+            list(iterate_batches(images, 2, num_workers=workers))
+        msg = str(exc.value)
+        assert "\n" not in msg and str(bad) in msg and "remove or replace the file" in msg

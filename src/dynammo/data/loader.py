@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dynammo.data.imageset import ImageSet
+from dynammo.errors import UserError
 
 
 class _FileDataset(Dataset):
@@ -47,8 +48,18 @@ def iterate_batches(data: ImageSet, batch_size: int, shuffle: bool = False,
     # sequence a resumed run draws would differ from an uninterrupted one
     loader = DataLoader(_FileDataset(data), batch_sampler=[b.tolist() for b in batches], num_workers=num_workers,
                         generator=torch.Generator().manual_seed(0))
-    for idx, (x, y) in zip(batches, loader):
-        yield x, y, idx
+    try:
+        for idx, (x, y) in zip(batches, loader):
+            yield x, y, idx
+    except UserError as exc:  # a worker's error comes back wrapped in its traceback: keep its one line
+        raise UserError(worker_message(str(exc))) from None
+
+
+def worker_message(text: str) -> str:
+    """The UserError line of a DataLoader worker's re-raised traceback (the text itself if none)."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    prefix = f"{UserError.__module__}.{UserError.__name__}: "
+    return next((line[len(prefix):] for line in reversed(lines) if line.startswith(prefix)), lines[-1] if lines else text)
 
 
 def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
