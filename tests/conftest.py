@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import pathlib
 import tarfile
 from pathlib import Path
 
@@ -185,3 +186,40 @@ def tiny_run(tmp_path_factory):
         return runs[name]
 
     return get
+
+
+# ---------------------------------------------------------------- unsorted directory listings
+
+
+class ReversedScandir:
+    """os.scandir's iterator, in reverse name order (a context manager as the real one)."""
+
+    def __init__(self, entries):
+        self.entries = sorted(entries, key=lambda e: e.name, reverse=True)
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.fixture
+def reversed_listing(monkeypatch):
+    """Directory listings (Path.iterdir, os.listdir, os.scandir) come back in reverse order, as an
+    unsorted listing may."""
+    original_iterdir, original_scandir, original_listdir = pathlib.Path.iterdir, os.scandir, os.listdir
+
+    def iterdir(self):
+        return iter(sorted(original_iterdir(self), reverse=True))
+
+    def scandir(path="."):
+        with original_scandir(path) as it:
+            return ReversedScandir(list(it))
+
+    monkeypatch.setattr(pathlib.Path, "iterdir", iterdir)
+    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(os, "listdir", lambda path=".": sorted(original_listdir(path), reverse=True))

@@ -2,8 +2,6 @@
 of ../shared/data (skipped when absent)."""
 from __future__ import annotations
 
-import os
-import pathlib
 import shutil
 import tarfile
 import urllib.request
@@ -47,40 +45,6 @@ def make_tree(root: Path, image_tools, per_class=5, classes=FOLDER_CLASSES, offs
         for i in range(per_class):
             image_tools.write(root / name / f"img{i}.png", image_tools.const(value + offset, 8, rgb))
     return root
-
-
-class ReversedScandir:
-    """os.scandir's iterator, in reverse name order (a context manager as the real one)."""
-
-    def __init__(self, entries):
-        self.entries = sorted(entries, key=lambda e: e.name, reverse=True)
-
-    def __iter__(self):
-        return iter(self.entries)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-@pytest.fixture
-def reversed_listing(monkeypatch):
-    """Directory listings (Path.iterdir, os.listdir, os.scandir) come back in reverse order, as an
-    unsorted listing may."""
-    original_iterdir, original_scandir, original_listdir = pathlib.Path.iterdir, os.scandir, os.listdir
-
-    def iterdir(self):
-        return iter(sorted(original_iterdir(self), reverse=True))
-
-    def scandir(path="."):
-        with original_scandir(path) as it:
-            return ReversedScandir(list(it))
-
-    monkeypatch.setattr(pathlib.Path, "iterdir", iterdir)
-    monkeypatch.setattr(os, "scandir", scandir)
-    monkeypatch.setattr(os, "listdir", lambda path=".": sorted(original_listdir(path), reverse=True))
 
 
 def test_folder_class_ids_come_from_sorted_names(tmp_path, image_tools, reversed_listing):

@@ -3,7 +3,6 @@ source's exact on-disk layout: class ids and names, split sizes, the reference t
 seeded fallbacks and every one-line error."""
 from __future__ import annotations
 
-import pathlib
 import shutil
 from pathlib import Path
 
@@ -23,13 +22,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 def raw_load(name, root, seed=1, **kw):
     cfg = build_config({"dataset": name, "data_root": str(root), **kw})
     return DATASETS.get(name)(cfg, Path(root), seed)
-
-
-@pytest.fixture
-def reversed_listing(monkeypatch):
-    """Directory listings come back in reverse order, as an unsorted os.listdir may."""
-    original = pathlib.Path.iterdir
-    monkeypatch.setattr(pathlib.Path, "iterdir", lambda self: iter(sorted(original(self), reverse=True)))
 
 
 def value_of(label: int) -> int:

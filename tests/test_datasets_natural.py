@@ -21,7 +21,6 @@ from dynammo.config import build_config, load_config
 from dynammo.data import load_data
 from dynammo.data.datasets import DATASETS, cub200, imagenet, imagenet_r, tinyimagenet
 from dynammo.errors import UserError
-from test_datasets import reversed_listing  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -12,7 +12,6 @@ from dynammo.config import build_config
 from dynammo.data import load_data
 from dynammo.data.datasets import DATASETS
 from dynammo.errors import UserError
-from test_datasets import reversed_listing  # noqa: F401 (a fixture)
 
 CLASSES = {"pituitary": 40, "glioma": 10, "notumor": 30, "meningioma": 20}  # written in this unsorted order
 

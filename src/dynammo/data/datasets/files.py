@@ -69,32 +69,35 @@ def first_existing(folder: Path, names: Iterable[str]) -> Optional[Path]:
     return next((folder / n for n in names if (folder / n).exists()), None)
 
 
-def read_split_list(path: Path, base: Path) -> List[Tuple[str, int]]:
-    """A split list of `<relative path> <integer label>` lines, as CL_Pytorch's SKIN8/SKIN40/ImageNet-100
-    lists: CRLF or LF, blank lines skipped, a leading '/' on the path ignored, paths relative to `base`.
-    Every listed file must exist (the first missing ones are named)."""
+def read_list_lines(path: Path, missing_hint: str = "put the list file there") -> List[Tuple[str, int]]:
+    """The `<relative path> <integer label>` lines of a split list as CL_Pytorch's SKIN8/SKIN40/ImageNet-100
+    lists are written: CRLF or LF, blank lines skipped; the paths as written (not resolved)."""
     if not path.is_file():
-        raise UserError(f"split list {path} does not exist; put the list file there or remove the folder it "
-                        "should be in to use the seeded fallback split")
-    rows, missing = [], []
-    text = path.read_bytes().decode("utf-8", errors="replace")
-    for number, line in enumerate(text.splitlines(), 1):
+        raise UserError(f"split list {path} does not exist; {missing_hint}")
+    rows = []
+    for number, line in enumerate(path.read_bytes().decode("utf-8", errors="replace").splitlines(), 1):
         line = line.strip()
         if not line:
             continue
         parts = line.rsplit(None, 1)
         if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
             raise UserError(f"{path} line {number} must be '<relative path> <integer label>', got {line[:80]!r}")
-        rel = parts[0].lstrip("/")
-        full = base / rel
-        if not full.is_file():
-            missing.append(rel)
-        rows.append((str(full), int(parts[1])))
+        rows.append((parts[0], int(parts[1])))
     if not rows:
         raise UserError(f"split list {path} lists no images")
+    return rows
+
+
+def read_split_list(path: Path, base: Path) -> List[Tuple[str, int]]:
+    """A split list's (file, label) rows with the paths resolved under `base` (a leading '/' ignored).
+    Every listed file must exist (the first missing ones are named)."""
+    rows = read_list_lines(path, "put the list file there or remove the folder it should be in to use the "
+                                 "seeded fallback split")
+    resolved = [(base / rel.lstrip("/"), label) for rel, label in rows]
+    missing = [rel.lstrip("/") for (rel, _), (full, _) in zip(rows, resolved) if not full.is_file()]
     if missing:
         raise missing_files_error(path, missing, base)
-    return rows
+    return [(str(full), label) for full, label in resolved]
 
 
 def check_class_count(title: str, found: int, expected: int, where: Path) -> None:

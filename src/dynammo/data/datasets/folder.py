@@ -92,6 +92,20 @@ def scan_class_folders(root: Path) -> Tuple[List[str], List[str], np.ndarray]:
     return classes, paths, np.asarray(labels, dtype=np.int64)
 
 
+def scan_split_folders(train: Path, test: Path):
+    """Two class-folder trees of one dataset -> (class names, (train paths, labels), (test paths, labels));
+    both must hold the same class folders (the ones only in one are named)."""
+    classes, train_paths, train_labels = scan_class_folders(train)
+    test_classes, test_paths, test_labels = scan_class_folders(test)
+    if test_classes != classes:
+        only_train = sorted(set(classes) - set(test_classes))
+        only_test = sorted(set(test_classes) - set(classes))
+        diff = "; ".join(f"only in {where.name}: {', '.join(names[:5])}" for where, names in
+                         ((train, only_train), (test, only_test)) if names)
+        raise UserError(f"{train} and {test} have different class folders ({diff}); make them the same")
+    return classes, (train_paths, train_labels), (test_paths, test_labels)
+
+
 def guess_channels(paths, n: int = 16) -> int:
     """1 if the first images are all single-channel, else 3."""
     import io
@@ -179,17 +193,11 @@ def load(cfg, root, seed) -> RawDataset:
     rel = "" if root == data_root else f"{root.relative_to(data_root).as_posix()}/"
     named = {role: [rel + n for n in names] for role, names in found.items()}
     train, test, text = choose_splits(named, data_root, "folder")
-    classes, train_paths, train_labels = scan_class_folders(data_root / train)
     if test is None:
+        classes, train_paths, train_labels = scan_class_folders(data_root / train)
         return split_sources("folder", classes, train_paths, train_labels, cfg, seed, note=text)
-    test_classes, test_paths, test_labels = scan_class_folders(data_root / test)
-    if test_classes != classes:
-        only_train = sorted(set(classes) - set(test_classes))
-        only_test = sorted(set(test_classes) - set(classes))
-        diff = "; ".join(f"only in {where}: {', '.join(names[:5])}" for where, names in
-                         ((train, only_train), (test, only_test)) if names)
-        raise UserError(f"{data_root / train} and {data_root / test} have different class folders ({diff}); "
-                        "make them the same")
+    classes, (train_paths, train_labels), (test_paths, test_labels) = scan_split_folders(data_root / train,
+                                                                                         data_root / test)
     channels = guess_channels(train_paths)
     mk = lambda p, lab: ImageSet(lab, sources=p, channels=channels, size=cfg.img_size)
     return RawDataset("folder", classes, mk(train_paths, train_labels), mk(test_paths, test_labels), split=text)

@@ -39,7 +39,7 @@ import numpy as np
 
 from dynammo.data.datasets import RawDataset, dataset
 from dynammo.data.datasets.files import (check_class_count, missing_files_error, md5sum, read_split_list)
-from dynammo.data.datasets.folder import choose_splits, entries, scan_class_folders, split_role
+from dynammo.data.datasets.folder import choose_splits, entries, scan_class_folders, scan_split_folders, split_role
 from dynammo.data.imageset import ImageSet
 from dynammo.errors import UserError
 
@@ -311,13 +311,10 @@ def load100(cfg, root, seed) -> RawDataset:
         if test is None:
             raise UserError(f"{top} holds {train}/ but no val/ (or test/) folder; add the ImageNet val images of "
                             "the 100 classes as val/<wnid>/")
-        names, train_paths, train_labels = scan_class_folders(top / train)
+        names, train_part, test_part = scan_split_folders(top / train, top / test)
         check_class_count("ImageNet-100", len(names), NUM_CLASSES_100, top / train)
-        test_names, test_paths, test_labels = scan_class_folders(top / test)
-        if test_names != names:
-            raise UserError(f"{top / train} and {top / test} have different wnid folders; make them the same")
-        return RawDataset("imagenet100", names, file_set(train_labels, train_paths, cfg),
-                          file_set(test_labels, test_paths, cfg), split=f"ImageFolder {text} in {top}")
+        return RawDataset("imagenet100", names, file_set(train_part[1], train_part[0], cfg), file_set(test_part[1], test_part[0], cfg),
+                          split=f"ImageFolder {text} in {top}")
     raise UserError(f"ImageNet-100 not found under {root}: expected miniImageNet/{{train,val}}.txt, PODNet's "
                     "train_100.txt/val_100.txt beside the ImageNet train/ and val/ folders, or "
                     "imagenet100/{train,val}/<wnid>/; set data_root to the folder that holds one of them")

@@ -24,12 +24,11 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath
 from typing import Dict, List, Tuple
 
-import numpy as np
 
 from dynammo.data.datasets import RawDataset, dataset
 from dynammo.data.datasets.files import (check_class_count, extract_archive, missing_files_error, obtain_archive)
-from dynammo.data.datasets.folder import choose_splits, entries, scan_class_folders, split_role, split_sources
-from dynammo.data.imageset import ImageSet
+from dynammo.data.datasets.imagenet import file_set
+from dynammo.data.datasets.folder import choose_splits, entries, scan_class_folders, scan_split_folders, split_role, split_sources
 from dynammo.errors import UserError
 
 NUM_CLASSES = 200
@@ -39,10 +38,6 @@ URL = "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar"
 MD5 = "a61312130a589d0ca1a8fca1f2bd3337"
 CODA_LISTS = ("imagenet-r_train.yaml", "imagenet-r_test.yaml")
 WNID = "n" + "[0-9]" * 8
-
-
-def file_set(labels, paths, cfg) -> ImageSet:
-    return ImageSet(np.asarray(labels, dtype=np.int64), sources=list(paths), channels=3, size=cfg.img_size)
 
 
 def looks_like_top(folder: Path) -> bool:
@@ -118,12 +113,9 @@ def from_split_folders(top: Path, found: Dict[str, List[str]], cfg) -> RawDatase
     if test is None:
         raise UserError(f"{top} holds {train}/ but no test/ folder; add it, or use the official imagenet-r/<wnid>/ "
                         "folders (split here by seed)")
-    names, train_paths, train_labels = scan_class_folders(top / train)
+    names, train_part, test_part = scan_split_folders(top / train, top / test)
     check_class_count("ImageNet-R", len(names), NUM_CLASSES, top / train)
-    test_names, test_paths, test_labels = scan_class_folders(top / test)
-    if test_names != names:
-        raise UserError(f"{top / train} and {top / test} have different wnid folders; make them the same")
-    return RawDataset("imagenet_r", names, file_set(train_labels, train_paths, cfg), file_set(test_labels, test_paths, cfg),
+    return RawDataset("imagenet_r", names, file_set(train_part[1], train_part[0], cfg), file_set(test_part[1], test_part[0], cfg),
                       split=f"pre-split {text} in {top}")
 
 

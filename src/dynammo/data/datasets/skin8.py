@@ -33,7 +33,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from dynammo.data.datasets import RawDataset, dataset
-from dynammo.data.datasets.files import check_class_count, read_split_list
+from dynammo.data.datasets.files import check_class_count, read_list_lines, read_split_list
 from dynammo.data.datasets.folder import is_image
 from dynammo.data.datasets.medical import (FALLBACK_SEED, index_images, list_md5_status, read_onehot_csv, resolve,
                                            seeded_class_split)
@@ -61,24 +61,6 @@ def fallback_counts(n: int, cap: int = CAP) -> Tuple[int, int]:
     """(train, test) images of a class of n images under the fallback rule."""
     k = min(n, cap)
     return k - k // 6, k // 6
-
-
-def read_list_lines(path: Path) -> List[Tuple[str, int]]:
-    """The `<relative path> <label>` lines of a list, unresolved (for the flat official folder)."""
-    if not path.is_file():
-        raise UserError(f"split list {path} does not exist; put the list file there")
-    rows = []
-    for number, line in enumerate(path.read_bytes().decode("utf-8", errors="replace").splitlines(), 1):
-        line = line.strip()
-        if not line:
-            continue
-        parts = line.rsplit(None, 1)
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-            raise UserError(f"{path} line {number} must be '<relative path> <integer label>', got {line[:80]!r}")
-        rows.append((parts[0], int(parts[1])))
-    if not rows:
-        raise UserError(f"split list {path} lists no images")
-    return rows
 
 
 def check_labels(rows: List[Tuple[str, int]], path: Path) -> None:
