@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from dynammo.data.datasets import RawDataset, dataset
-from dynammo.data.datasets.folder import choose_splits, guess_channels, split_role, split_sources
+from dynammo.data.datasets.folder import by_split_role, choose_splits, guess_channels, split_sources
 from dynammo.data.imageset import ImageSet
 from dynammo.errors import UserError
 
@@ -47,10 +47,7 @@ def sort_key(name: str):
 
 def split_files(root: Path) -> dict:
     """{role: [file names]} of the split CSVs directly in `root` (train.csv, Testing.CSV, valid.csv, ...)."""
-    found: dict = {}
-    for p in sorted(root.iterdir()):
-        if p.is_file() and p.suffix.lower() == ".csv" and split_role(p.stem):
-            found.setdefault(split_role(p.stem), []).append(p.name)
+    found = by_split_role(sorted(p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() == ".csv"))
     return found
 
 

@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from dynammo.data.datasets import RawDataset, dataset
+from dynammo.data.datasets.files import check_class_count
 from dynammo.data.imageset import ImageSet, stratified_split
 from dynammo.errors import UserError
 
@@ -106,6 +107,31 @@ def scan_split_folders(train: Path, test: Path):
     return classes, (train_paths, train_labels), (test_paths, test_labels)
 
 
+def by_split_role(names) -> Dict[str, List[str]]:
+    """{'train' | 'test' | 'val': the names (folders or CSV stems) that play that role}."""
+    found: Dict[str, List[str]] = {}
+    for name in names:
+        role = split_role(Path(name).stem)
+        if role:
+            found.setdefault(role, []).append(name)
+    return found
+
+
+def pre_split_rgb_dataset(name: str, title: str, top: Path, found: Dict[str, List[str]], num_classes: int, cfg,
+                          no_test_hint: str, split_prefix: str) -> RawDataset:
+    """A benchmark shipped as `top/{train,test|val}/<class>/` (RGB, file-backed), its documented class
+    count checked; a train folder without a test one is an error ending with `no_test_hint`."""
+    train, test, text = choose_splits(found, top, "folder")
+    if test is None:
+        raise UserError(f"{top} holds {train}/ but no test/ (or val/) folder; {no_test_hint}")
+    names, (train_paths, train_labels), (test_paths, test_labels) = scan_split_folders(top / train, top / test)
+    check_class_count(title, len(names), num_classes, top / train)
+    mk = lambda paths, labels: ImageSet(np.asarray(labels, dtype=np.int64), sources=list(paths), channels=3,
+                                        size=cfg.img_size)
+    return RawDataset(name, names, mk(train_paths, train_labels), mk(test_paths, test_labels),
+                      split=f"{split_prefix} {text} in {top}")
+
+
 def guess_channels(paths, n: int = 16) -> int:
     """1 if the first images are all single-channel, else 3."""
     import io
@@ -178,10 +204,7 @@ def load(cfg, root, seed) -> RawDataset:
                         "sub-folder per class")
     root = descend(data_root)
     dirs, _ = entries(root)
-    found: Dict[str, List[str]] = {}
-    for d in dirs:
-        if split_role(d):
-            found.setdefault(split_role(d), []).append(d)
+    found = by_split_role(dirs)
     if not found:
         classes, paths, labels = scan_class_folders(root)
         return split_sources("folder", classes, paths, labels, cfg, seed)

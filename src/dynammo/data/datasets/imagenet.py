@@ -39,7 +39,7 @@ import numpy as np
 
 from dynammo.data.datasets import RawDataset, dataset
 from dynammo.data.datasets.files import (check_class_count, missing_files_error, md5sum, read_split_list)
-from dynammo.data.datasets.folder import choose_splits, entries, scan_class_folders, scan_split_folders, split_role
+from dynammo.data.datasets.folder import by_split_role, entries, pre_split_rgb_dataset, scan_class_folders
 from dynammo.data.imageset import ImageSet
 from dynammo.errors import UserError
 
@@ -301,20 +301,10 @@ def load100(cfg, root, seed) -> RawDataset:
     for top in [root / t for t in SUBSET_TOPS] + [root]:  # (c) ImageFolder
         if not top.is_dir():
             continue
-        found: Dict[str, List[str]] = {}
-        for d in entries(top)[0]:
-            if split_role(d):
-                found.setdefault(split_role(d), []).append(d)
-        if "train" not in found:
-            continue
-        train, test, text = choose_splits(found, top, "folder")
-        if test is None:
-            raise UserError(f"{top} holds {train}/ but no val/ (or test/) folder; add the ImageNet val images of "
-                            "the 100 classes as val/<wnid>/")
-        names, train_part, test_part = scan_split_folders(top / train, top / test)
-        check_class_count("ImageNet-100", len(names), NUM_CLASSES_100, top / train)
-        return RawDataset("imagenet100", names, file_set(train_part[1], train_part[0], cfg), file_set(test_part[1], test_part[0], cfg),
-                          split=f"ImageFolder {text} in {top}")
+        found = by_split_role(entries(top)[0])
+        if "train" in found:
+            return pre_split_rgb_dataset("imagenet100", "ImageNet-100", top, found, NUM_CLASSES_100, cfg,
+                                         "add the ImageNet val images of the 100 classes as val/<wnid>/", "ImageFolder")
     raise UserError(f"ImageNet-100 not found under {root}: expected miniImageNet/{{train,val}}.txt, PODNet's "
                     "train_100.txt/val_100.txt beside the ImageNet train/ and val/ folders, or "
                     "imagenet100/{train,val}/<wnid>/; set data_root to the folder that holds one of them")

@@ -28,7 +28,7 @@ from typing import Dict, List, Tuple
 from dynammo.data.datasets import RawDataset, dataset
 from dynammo.data.datasets.files import (check_class_count, extract_archive, missing_files_error, obtain_archive)
 from dynammo.data.datasets.imagenet import file_set
-from dynammo.data.datasets.folder import choose_splits, entries, scan_class_folders, scan_split_folders, split_role, split_sources
+from dynammo.data.datasets.folder import by_split_role, entries, pre_split_rgb_dataset, scan_class_folders, split_role, split_sources
 from dynammo.errors import UserError
 
 NUM_CLASSES = 200
@@ -108,17 +108,6 @@ def from_coda(top: Path, cfg) -> RawDataset:
                       split=f"CODA-Prompt lists {CODA_LISTS[0]}/{CODA_LISTS[1]} (ids by sorted wnid, not their targets)")
 
 
-def from_split_folders(top: Path, found: Dict[str, List[str]], cfg) -> RawDataset:
-    train, test, text = choose_splits(found, top, "folder")
-    if test is None:
-        raise UserError(f"{top} holds {train}/ but no test/ folder; add it, or use the official imagenet-r/<wnid>/ "
-                        "folders (split here by seed)")
-    names, train_part, test_part = scan_split_folders(top / train, top / test)
-    check_class_count("ImageNet-R", len(names), NUM_CLASSES, top / train)
-    return RawDataset("imagenet_r", names, file_set(train_part[1], train_part[0], cfg), file_set(test_part[1], test_part[0], cfg),
-                      split=f"pre-split {text} in {top}")
-
-
 @dataset("imagenet_r", "data_root/imagenet-r/<wnid>/*.jpg (seeded split), imagenet_r/{train,test}/<wnid>/, or "
                        "CODA-Prompt's imagenet-r_{train,test}.yaml (downloads imagenet-r.tar when missing)",
          aliases=("imagenet-r", "imagenetr"))
@@ -127,12 +116,11 @@ def load(cfg, root, seed) -> RawDataset:
     top = find_top(root, bool(cfg.get("download", True)))
     if any((top / n).is_file() for n in CODA_LISTS):
         return from_coda(top, cfg)
-    found: Dict[str, List[str]] = {}
-    for d in entries(top)[0]:
-        if split_role(d):
-            found.setdefault(split_role(d), []).append(d)
+    found = by_split_role(entries(top)[0])
     if found:
-        return from_split_folders(top, found, cfg)
+        return pre_split_rgb_dataset("imagenet_r", "ImageNet-R", top, found, NUM_CLASSES, cfg,
+                                     "add it, or use the official imagenet-r/<wnid>/ folders (split here by seed)",
+                                     "pre-split")
     names, paths, labels = scan_class_folders(top)
     check_class_count("ImageNet-R", len(names), NUM_CLASSES, top)
     return split_sources("imagenet_r", names, paths, labels, cfg, seed, channels=3,
