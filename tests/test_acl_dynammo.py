@@ -16,6 +16,7 @@ from dynammo.data.memory import herding
 from dynammo.errors import UserError
 from dynammo.methods import METHODS
 from dynammo.methods.acl import heads_loss, others_labels
+from dynammo.methods.frozen import train_backbone_then_freeze
 from dynammo.models.adapters import AdapterSet, mean_of
 from dynammo.models.heads import min_others
 
@@ -168,7 +169,7 @@ def test_backbone_protocol_without_pretrained_weights():
     assert not m.net.backbone_frozen
     t0 = m.scenario.tasks[0]
     m.begin_task(t0)
-    m.train_backbone(t0)
+    train_backbone_then_freeze(m, t0)
     trained = snapshot(m.net.backbone)
     assert not same(trained, initial)  # trained on task 0 ...
     assert m.net.backbone_frozen and not any(p.requires_grad for p in m.net.backbone.parameters())

@@ -37,6 +37,7 @@ from dynammo.engine import Batch, OptimSettings
 from dynammo.errors import UserError
 from dynammo.methods import METHODS
 from dynammo.methods.base import Method
+from dynammo.methods.frozen import BACKBONE_EPOCHS, FrozenBackboneNet, no_weights_deviation, train_backbone_then_freeze
 from dynammo.models.adapters import AdapterSet, stage_channels
 from dynammo.models.backbones import build_backbone
 from dynammo.models.heads import min_others
@@ -60,27 +61,13 @@ def heads_loss(logits: List[torch.Tensor], y: torch.Tensor, bounds: List[tuple])
     return total
 
 
-class AdapterNet(nn.Module):
+class AdapterNet(FrozenBackboneNet):
     """A backbone (frozen once `freeze_backbone` is called), adapter sets, and one head per task."""
 
     def __init__(self, backbone, layer_names: Optional[List[str]] = None):
-        super().__init__()
-        self.backbone = backbone
+        super().__init__(backbone)
         self.channels = stage_channels(backbone, layer_names)
         self.heads = nn.ModuleList()
-        self.backbone_frozen = False
-
-    def freeze_backbone(self) -> None:
-        for p in self.backbone.parameters():
-            p.requires_grad_(False)
-        self.backbone_frozen = True
-        self.backbone.eval()
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.backbone_frozen:
-            self.backbone.eval()  # its BatchNorm statistics never change
-        return self
 
     def encode(self, x: torch.Tensor, adapters: AdapterSet) -> torch.Tensor:
         return self.backbone(x, stage_hook=adapters.hook)
@@ -125,8 +112,7 @@ class ACLNet(AdapterNet):
 ACL_OPTIONS = {
     "layer_names": Option("str_list", None, "backbone stages that get an adapter at their input (default: all)",
                           nonempty=True, unique=True),
-    "backbone_epochs": Option("int", None, "pretrained=false only: epochs of plain training of the backbone on "
-                                           "task 0 before it is frozen (default: epochs; 0 keeps it random)", min=0),
+    "backbone_epochs": BACKBONE_EPOCHS,
     "head_init": Option("str", "random", "new task head in stage 3: random (faithful) | auxiliary (a copy of "
                                          "stage 1's auxiliary head)", choices=("random", "auxiliary"),
                         faithful="random"),
@@ -171,9 +157,7 @@ class ACL(Method):
     def deviations(cls, cfg) -> List[str]:
         out = super().deviations(cfg)
         if not cfg.pretrained:
-            epochs = cfg.epochs if cfg.backbone_epochs is None else cfg.backbone_epochs
-            out.append(f"backbone trained on task 1's data for {epochs} epochs, then frozen: no pretrained weights "
-                       "(the paper freezes an ImageNet-pretrained ResNet-18)")
+            out.append(no_weights_deviation(cfg, "an ImageNet-pretrained ResNet-18"))
         return out
 
     # ---- model ----
@@ -191,7 +175,7 @@ class ACL(Method):
     # ---- training ----
     def train_task(self, task: Task) -> None:
         if not self.net.backbone_frozen:
-            self.train_backbone(task)
+            train_backbone_then_freeze(self, task)
         adapters = self.net.new_task_adapters()
         aux = self.train_adapters(task, adapters)  # stage 1
         adapters.freeze()
@@ -199,23 +183,6 @@ class ACL(Method):
         self.net.heads.append(self.make_head(task, aux))
         if task.id > 0:
             self.train_heads(task)  # stage 3
-
-    def train_backbone(self, task: Task) -> None:
-        """pretrained=false: plain training of backbone + linear head on task 0, then freeze."""
-        epochs = self.cfg.epochs if self.cfg.backbone_epochs is None else self.cfg.backbone_epochs
-        if epochs > 0:
-            self.engine.console.print(f"pretrained=false: training the backbone on task {task.id + 1}'s data for "
-                                      f"{epochs} epochs, then freezing it (set pretrained=PATH for the paper's protocol)")
-            backbone = self.net.backbone.train()
-            head = nn.Linear(backbone.out_dim, task.size).to(self.device)
-
-            def loss(batch: Batch):
-                logits = head(backbone(batch.x))
-                return F.cross_entropy(logits, batch.y - task.start), logits, batch.y - task.start
-
-            self.engine.fit(itertools.chain(backbone.parameters(), head.parameters()), self.scenario.train_data(task),
-                            loss, OptimSettings.from_config(self.cfg, epochs=epochs), stage="backbone")
-        self.net.freeze_backbone()
 
     def train_adapters(self, task: Task, adapters: AdapterSet) -> nn.Linear:
         """Stage 1: the new adapters + an auxiliary head, on task data + memory (old = "others")."""
