@@ -188,9 +188,16 @@ OPTIONS: Dict[str, Option] = {
                       nonempty=True),
     "data_root": Option("str", "data", "folder holding the dataset files"),
     "backbone": Option("str", "resnet18", "feature extractor (see `dynammo list`)"),
-    "pretrained": Option("pretrained", False, "false | true (download) | path to a torchvision/timm state dict"),
+    "pretrained": Option("pretrained", False, "false | true (download) | path to a torchvision/timm state dict "
+                                              "(ViTs: also .safetensors or the original Google .npz)"),
     "img_size": Option("int", None, "resize images to this side length (default: the dataset's own)",
                       min=4, max=8192),
+    "vit_patch_size": Option("int", 8, "backbone vit_cpu only: side of its square patches (img_size must be a "
+                                       "multiple of it)", min=1, max=1024),
+    "vit_embed_dim": Option("int", 64, "backbone vit_cpu only: token width (a multiple of vit_heads)", min=1,
+                            max=8192),
+    "vit_depth": Option("int", 5, "backbone vit_cpu only: number of transformer blocks", min=1, max=64),
+    "vit_heads": Option("int", 4, "backbone vit_cpu only: attention heads per block", min=1, max=128),
     "init_cls": Option("int", 2, "classes in the first task", min=1),
     "increment": Option("int_or_list", 2, "classes per later task, or the list of all task sizes", min=1,
                         nonempty=True),

@@ -5,13 +5,22 @@ from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+
+def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# PyTorch counts the CUDA attention kernels but not the fused CPU one (scaled_dot_product_attention
+# on CPU, as timm's ViT runs it): count it as the two matmuls it is, q k^T and (softmax) v.
+_EXTRA_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flop}
 
 
 @torch.no_grad()
 def count_flops(fn: Callable[[torch.Tensor], object], x: torch.Tensor) -> int:
     """FLOPs (2 x multiply-accumulates) of convolutions, matmuls and attention run by fn(x)."""
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS)
     with counter:
         fn(x)
     return int(counter.get_total_flops())

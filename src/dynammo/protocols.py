@@ -41,7 +41,11 @@ PROTOCOL_KEYS = (
     "max_train_per_class", "max_test_per_class",
     "memory_size", "memory_per_class",
     "epochs", "init_epochs", "batch_size", "metric",
+    *("vit_patch_size", "vit_embed_dim", "vit_depth", "vit_heads"),  # the shape of backbone vit_cpu
 )
+# Keys that shape one backbone only: part of the protocol (and its hash) when that backbone runs.
+BACKBONE_SHAPE_KEYS = {"vit_patch_size": "vit_cpu", "vit_embed_dim": "vit_cpu", "vit_depth": "vit_cpu",
+                       "vit_heads": "vit_cpu"}
 # Also allowed in a protocol file: its name and where the data is (not part of the comparison).
 PROTOCOL_FILE_EXTRA = ("protocol", "data_root", "download", "in_memory", "num_workers")
 # Not hashed: the seed varies between the runs of one protocol (each results.json records its own).
@@ -215,7 +219,8 @@ def _comparable(key: str, value):
 
 
 def protocol_values(cfg) -> Dict[str, object]:
-    return {k: _comparable(k, cfg.get(k)) for k in PROTOCOL_KEYS if k not in UNHASHED}
+    return {k: _comparable(k, cfg.get(k)) for k in PROTOCOL_KEYS
+            if k not in UNHASHED and BACKBONE_SHAPE_KEYS.get(k, cfg.get("backbone")) == cfg.get("backbone")}
 
 
 def protocol_hash(values: dict) -> str:

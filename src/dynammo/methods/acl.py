@@ -39,7 +39,7 @@ from dynammo.methods import METHODS
 from dynammo.methods.base import Method
 from dynammo.methods.frozen import BACKBONE_EPOCHS, FrozenBackboneNet, no_weights_deviation, train_backbone_then_freeze
 from dynammo.models.adapters import AdapterSet, stage_channels
-from dynammo.models.backbones import build_backbone
+from dynammo.models.backbones import backbone_kwargs, build_backbone
 from dynammo.models.heads import min_others
 
 OPT_TYPES = ("sgd", "adam", "adamw")
@@ -134,10 +134,14 @@ class ACL(Method):
     net_class = ACLNet
 
     @classmethod
+    def backbone_needs(cls, cfg) -> tuple:
+        return "adapters at the input of the backbone's residual stages", ""
+
+    @classmethod
     def check_config(cls, cfg, num_classes: int) -> None:
         super().check_config(cfg, num_classes)
         with torch.random.fork_rng(devices=[]):  # a throw-away backbone: leave the seeded RNG as it was
-            backbone = build_backbone(cfg.backbone)
+            backbone = build_backbone(cfg.backbone, **backbone_kwargs(cfg))
         channels = stage_channels(backbone, cfg.layer_names)
         if cfg.img_size is not None:  # every adapted stage needs a map of at least 3x3
             sides = {}
@@ -162,7 +166,8 @@ class ACL(Method):
 
     # ---- model ----
     def build_network(self) -> AdapterNet:
-        net = self.net_class(build_backbone(self.cfg.backbone, self.cfg.pretrained), self.cfg.layer_names)
+        backbone = build_backbone(self.cfg.backbone, self.cfg.pretrained, **backbone_kwargs(self.cfg, self.scenario))
+        net = self.net_class(backbone, self.cfg.layer_names)
         if self.cfg.pretrained:  # the paper's protocol: frozen from the start
             net.freeze_backbone()
         return net

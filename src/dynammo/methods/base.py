@@ -31,7 +31,7 @@ from dynammo.data.memory import ExemplarMemory
 from dynammo.data.scenario import Scenario, Task
 from dynammo.engine import Batch, Engine, OptimSettings
 from dynammo.errors import UserError
-from dynammo.models.backbones import build_backbone
+from dynammo.models.backbones import backbone_has_stages, backbone_kwargs, build_backbone
 from dynammo.models.network import IncrementalNet
 
 
@@ -53,7 +53,20 @@ class Method:
 
     # ---- configuration checks, before anything is written ----
     @classmethod
+    def backbone_needs(cls, cfg) -> tuple:
+        """What the method needs of the backbone beyond a feature vector (residual stages, a last ReLU
+        to drop), as (need, alternative): `need` completes "method 'x' needs ...", `alternative` is
+        another way out added to the error (" or set last_relu=true"); ("", "") when nothing.
+        check_config refuses a Vision Transformer for such a method before anything is built."""
+        return "", ""
+
+    @classmethod
     def check_config(cls, cfg, num_classes: int) -> None:
+        need, alternative = cls.backbone_needs(cfg)
+        if need and not backbone_has_stages(cfg.backbone):
+            from dynammo.models.vit import no_stages_message
+
+            raise UserError(no_stages_message(cfg.backbone, f"method '{cfg.method}' needs {need}", alternative))
         if cls.uses_memory:
             if not cfg.memory_per_class and cfg.memory_size <= 0:
                 raise UserError(f"method '{cfg.method}' needs an exemplar memory; set memory_size=N (e.g. 2000) or memory_per_class=N")
@@ -85,7 +98,8 @@ class Method:
 
     # ---- model ----
     def build_network(self) -> nn.Module:
-        return IncrementalNet(build_backbone(self.cfg.backbone, self.cfg.pretrained))
+        return IncrementalNet(build_backbone(self.cfg.backbone, self.cfg.pretrained,
+                                             **backbone_kwargs(self.cfg, self.scenario)))
 
     def train_mode(self) -> None:
         self.net.train()

@@ -107,7 +107,8 @@ class BiC(DistillMethod):
             raise UserError(f"split_ratio={cfg.split_ratio} must be between 0 and 1 (the paper holds out 0.1)")
 
     def build_network(self) -> nn.Module:
-        return BiasCorrectedNet(build_backbone(self.cfg.backbone, self.cfg.pretrained))
+        return BiasCorrectedNet(build_backbone(self.cfg.backbone, self.cfg.pretrained,
+                                               **backbone_kwargs(self.cfg, self.scenario)))
 
     def grow(self, task: Task) -> None:
         super().grow(task)

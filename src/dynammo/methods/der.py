@@ -117,7 +117,8 @@ class DER(Method):
     }
 
     def build_network(self) -> ExpandableNet:
-        return ExpandableNet(build_backbone(self.cfg.backbone, self.cfg.pretrained))
+        return ExpandableNet(build_backbone(self.cfg.backbone, self.cfg.pretrained,
+                                            **backbone_kwargs(self.cfg, self.scenario)))
 
     # ---- structure ----
     def begin_task(self, task: Task) -> None:

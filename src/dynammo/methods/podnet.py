@@ -103,6 +103,10 @@ class PODNet(CosineRehearsal):
     }
 
     @classmethod
+    def backbone_needs(cls, cfg) -> tuple:
+        return "the outputs of the backbone's residual stages (POD-spatial distillation)", ""
+
+    @classmethod
     def deviations(cls, cfg) -> List[str]:
         return super().deviations(cfg) + [
             "NCA: the gradient to the learned scale eta skips the margin term (the paper's Eq. 7 otherwise; "
@@ -111,7 +115,7 @@ class PODNet(CosineRehearsal):
         ]
 
     def build_network(self) -> CosineNet:
-        return build_cosine_net(self.cfg, proxies=self.cfg.proxies)
+        return build_cosine_net(self.cfg, proxies=self.cfg.proxies, scenario=self.scenario)
 
     # ---- training ----
     def train_task(self, task: Task) -> None:

@@ -30,7 +30,8 @@ from dynammo.errors import UserError
 from dynammo.methods.base import Method
 from dynammo.methods.frozen import (BACKBONE_EPOCHS, FrozenBackboneNet, no_weights_deviation,
                                     train_backbone_then_freeze)
-from dynammo.models.backbones import BACKBONES, build_backbone
+from dynammo.models.backbones import backbone_kwargs, build_backbone
+from dynammo.models.vit import is_vit
 from dynammo.models.heads import IncrementalLinear
 from dynammo.models.prompting import query_features
 
@@ -62,10 +63,6 @@ def mask_outside_task(logits: torch.Tensor, start: int, end: int) -> torch.Tenso
     return logits.masked_fill(~keep, float("-inf"))
 
 
-def is_vit(backbone_name: str) -> bool:
-    return BACKBONES.canonical(str(backbone_name).split(".")[0]).startswith("vit")
-
-
 class PromptMethod(Method):
     options = PROMPT_OPTIONS
     current_task: Optional[Task] = None  # the task being trained (set by train_task)
@@ -91,7 +88,7 @@ class PromptMethod(Method):
         raise NotImplementedError
 
     def build_network(self) -> PromptNet:
-        backbone = build_backbone(self.cfg.backbone, self.cfg.pretrained, **backbone_options(self.cfg))
+        backbone = build_backbone(self.cfg.backbone, self.cfg.pretrained, **backbone_kwargs(self.cfg, self.scenario))
         net = PromptNet(backbone, self.build_prompts(backbone.vit))
         if self.cfg.pretrained:  # the papers' protocol: frozen from the start
             net.freeze_backbone()
@@ -147,9 +144,3 @@ class PromptMethod(Method):
     def features(self, data):
         return self.engine.apply(lambda x: query_features(self.net.vit, x), data)
 
-
-def backbone_options(cfg) -> dict:
-    """The backbone builder's keyword arguments from the config (image size, vit_cpu's sizes)."""
-    from dynammo.models.backbones import backbone_kwargs
-
-    return backbone_kwargs(cfg)

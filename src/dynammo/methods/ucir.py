@@ -39,7 +39,7 @@ from dynammo.engine import Batch
 from dynammo.methods import METHODS
 from dynammo.methods.base import Method
 from dynammo.methods.distill import frozen_copy
-from dynammo.models.backbones import build_backbone
+from dynammo.models.backbones import backbone_kwargs, build_backbone
 from dynammo.models.cosine import CosineNet, imprinted_weights
 
 
@@ -66,8 +66,8 @@ def margin_ranking_loss(cosines: torch.Tensor, y: torch.Tensor, n_old: int, k: i
     return F.relu(margin - target + hardest).mean()
 
 
-def build_cosine_net(cfg, proxies: int = 1) -> CosineNet:
-    backbone = build_backbone(cfg.backbone, cfg.pretrained)
+def build_cosine_net(cfg, proxies: int = 1, scenario=None) -> CosineNet:
+    backbone = build_backbone(cfg.backbone, cfg.pretrained, **backbone_kwargs(cfg, scenario))
     if not cfg.last_relu:
         backbone.remove_last_relu()
     return CosineNet(backbone, proxies)
@@ -110,8 +110,14 @@ class UCIR(CosineRehearsal):
                                                    "(the authors' code)"),
     }
 
+    @classmethod
+    def backbone_needs(cls, cfg) -> tuple:
+        if cfg.last_relu:
+            return "", ""
+        return "a ReLU at the end of the backbone to drop (last_relu=false)", " or set last_relu=true"
+
     def build_network(self) -> CosineNet:
-        return build_cosine_net(self.cfg)
+        return build_cosine_net(self.cfg, scenario=self.scenario)
 
     # ---- training ----
     def train_task(self, task: Task) -> None:

@@ -4,7 +4,7 @@
 Every backbone exposes its residual stages by name (`stage_names`), and its forward takes an
 optional `stage_hook(name, x) -> x` applied at the input of each stage: adapters (ACL, DynaMMo) and
 feature distillation (PODNet) plug in there without subclassing. Parameter names follow
-torchvision, so torchvision and timm ResNet state dicts load directly.
+torchvision, so torchvision and timm ResNet state dicts load directly. The Vision Transformers (timm) are in vit.py.
 """
 from __future__ import annotations
 
@@ -206,11 +206,8 @@ def read_state_dict(path: Path) -> dict:
     return {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
 
 
-def load_pretrained(backbone: Backbone, path) -> None:
-    """Load a torchvision/timm-format state dict; the classifier is dropped, any other mismatch is an error."""
-    path = Path(path)
-    state = {k: v for k, v in read_state_dict(path).items() if not k.startswith(CLASSIFIER_PREFIXES)}
-    own = backbone.state_dict()
+def check_state_dict(state: dict, own: dict, path, name: str) -> None:
+    """One error naming the missing, unexpected and wrongly shaped keys of `state` against `own`."""
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
@@ -222,12 +219,46 @@ def load_pretrained(backbone: Backbone, path) -> None:
     if wrong:
         problems.append(f"{len(wrong)} keys of the wrong shape (e.g. {wrong[0]}: {tuple(state[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)})")
     if problems:
-        raise UserError(f"pretrained weights {path} do not match backbone {type(backbone).__name__}: "
+        raise UserError(f"pretrained weights {path} do not match backbone {name}: "
                         f"{'; '.join(problems)}; use weights of the same architecture")
+
+
+def load_pretrained(backbone: Backbone, path) -> None:
+    """Load a torchvision/timm-format state dict; the classifier is dropped, any other mismatch is an error."""
+    path = Path(path)
+    state = {k: v for k, v in read_state_dict(path).items() if not k.startswith(CLASSIFIER_PREFIXES)}
+    check_state_dict(state, backbone.state_dict(), path, type(backbone).__name__)
     backbone.load_state_dict(state)
 
 
-def build_backbone(name: str, pretrained=False) -> Backbone:
+def backbone_kwargs(cfg, scenario=None) -> dict:
+    """build_backbone's keyword arguments from a config: the input side (img_size, else the side of
+    the scenario's images) and vit_cpu's sizes."""
+    def get(key, default=None):
+        return cfg.get(key, default) if isinstance(cfg, dict) else getattr(cfg, key, default)
+
+    side = get("img_size")
+    if side is None and scenario is not None:
+        side = getattr(getattr(scenario, "train", None), "size", None)
+    out = {"img_size": side}
+    for key, default in _vit.VIT_CPU_DEFAULTS.items():
+        out[key] = get(key, default)
+    return out
+
+
+def backbone_has_stages(name: str) -> bool:
+    """Whether the backbone has residual stages (stage hooks, stage outputs, a last ReLU): every
+    backbone but the Vision Transformers."""
+    return not _vit.is_vit(name)
+
+
+def build_backbone(name: str, pretrained=False, *, img_size: Optional[int] = None, vit_patch_size: int = 8,
+                   vit_embed_dim: int = 64, vit_depth: int = 5, vit_heads: int = 4) -> Backbone:
+    """A backbone by name. img_size and the vit_* sizes matter for the ViTs only (their position
+    embedding is built for img_size x img_size inputs); ResNets take any input size."""
+    if _vit.is_vit(name):
+        return _vit.build_vit(name, pretrained, img_size=img_size, vit_patch_size=vit_patch_size,
+                              vit_embed_dim=vit_embed_dim, vit_depth=vit_depth, vit_heads=vit_heads)
     key = BACKBONES.canonical(name)
     backbone = BACKBONES.get(key)()
     if pretrained is True:
@@ -243,3 +274,6 @@ def build_backbone(name: str, pretrained=False) -> Backbone:
     elif pretrained:
         load_pretrained(backbone, pretrained)
     return backbone
+
+
+from dynammo.models import vit as _vit  # noqa: E402  (registers the ViT backbones)
