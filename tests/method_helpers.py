@@ -20,6 +20,14 @@ TINY = dict(dataset="digits", backbone="resnet20", img_size=8, init_cls=4, incre
 # The prompt methods (L2P, DualPrompt, CODA-Prompt) need a ViT: the configurable vit_cpu at 16 px,
 # 4 px patches (16 tokens + CLS), 5 blocks so that DualPrompt's and CODA's prefix layers 0-4 exist.
 VIT_TINY = dict(backbone="vit_cpu", img_size=16, vit_patch_size=4, vit_embed_dim=32, vit_depth=5, vit_heads=4)
+# Method sizes that must fit the tiny scenarios (CODA-Prompt's components: a multiple of the 3 tasks,
+# at most the ViT width 32).
+METHOD_TINY = {"coda_prompt": {"components": 9}}
+
+
+def tiny_keys(name: str) -> dict:
+    """The keys a method needs on the tiny scenarios beside TINY / TINY_RUN."""
+    return {**(VIT_TINY if needs_vit(name) else {}), **METHOD_TINY.get(METHODS.canonical(name), {})}
 
 
 def needs_vit(name: str) -> bool:
@@ -31,7 +39,7 @@ def needs_vit(name: str) -> bool:
 def make_method(name: str, base: dict = TINY, check: bool = True, **kw):
     """The method `name` on `base` (+ kw overrides), as the runner builds it (checks included;
     check=False skips the method's config check, to build a configuration it refuses on purpose)."""
-    cfg = build_config({"method": name, **base, **(VIT_TINY if needs_vit(name) else {}), **kw})
+    cfg = build_config({"method": name, **base, **tiny_keys(name), **kw})
     data = load_data(cfg, cfg.seed)
     scenario = Scenario.from_config(data, cfg, cfg.seed)
     if check:
@@ -67,5 +75,4 @@ TINY_RUN = dict(dataset="digits", backbone="resnet20", img_size=8, init_cls=4, i
 def tiny_run_args(name: str, **kw) -> list:
     """`key=value` arguments of a tiny `dynammo run` of method `name` (kw: more or other keys)."""
     stage_epochs = {k: 1 for k in METHODS.get(name).options if k.startswith("epochs_") or k == "backbone_epochs"}
-    vit = VIT_TINY if needs_vit(name) else {}
-    return [f"{k}={v}" for k, v in {"method": name, **TINY_RUN, **vit, **stage_epochs, **kw}.items()]
+    return [f"{k}={v}" for k, v in {"method": name, **TINY_RUN, **tiny_keys(name), **stage_epochs, **kw}.items()]

@@ -124,9 +124,12 @@ class PromptMethod(Method):
         params = self.trainable()
         clip = self.cfg.prompt_grad_clip
         before_step = (lambda: torch.nn.utils.clip_grad_norm_(params, clip)) if clip else None
-        self.engine.fit(params, self.scenario.train_data(task), self.step,
-                        OptimSettings.from_config(self.cfg, first_task=task.id == 0), stage="prompts",
-                        before_step=before_step)
+        self.engine.fit(params, self.scenario.train_data(task), self.step, self.optim_settings(task),
+                        stage="prompts", before_step=before_step)
+
+    def optim_settings(self, task: Task) -> OptimSettings:
+        """How the prompts and the head train in `task` (CODA-Prompt swaps in its own schedule)."""
+        return OptimSettings.from_config(self.cfg, first_task=task.id == 0)
 
     def step(self, batch: Batch):
         task = self.current_task
