@@ -139,17 +139,6 @@ def test_zero_length_prompts_give_the_frozen_model():
             torch.testing.assert_close(feats, frozen, rtol=0, atol=1e-6)
 
 
-def test_patch_embedding_runs_exactly_twice_per_predict():
-    m = grown(3)
-    m.eval_mode()
-    calls = []
-    handle = m.net.vit.patch_embed.register_forward_hook(lambda *a: calls.append(1))
-    try:
-        m.predict(images())
-    finally:
-        handle.remove()
-    assert len(calls) == 2
-
 
 # ---------------------------------------------------------------- selection
 

@@ -412,14 +412,6 @@ def test_eval_logits_are_batch_independent(kw):
     torch.testing.assert_close(permuted, batch[perm], rtol=0, atol=1e-5)
 
 
-def test_patch_embedding_runs_twice_per_predict():
-    m = built()
-    calls = []
-    m.net.vit.patch_embed.register_forward_hook(lambda *a: calls.append(1))
-    with torch.no_grad():
-        m.predict(images(2))
-    assert len(calls) == 2
-
 
 def vit_macs(vit, n: int, extra_kv: dict) -> int:
     """The spec's section 7 formula for one pass: patch embedding + per block 4nD^2 (qkv, proj) +
