@@ -37,7 +37,7 @@ from dynammo.engine import Batch, OptimSettings
 from dynammo.errors import UserError
 from dynammo.methods import METHODS
 from dynammo.methods.distill import DistillMethod, kd_options
-from dynammo.models.backbones import build_backbone
+from dynammo.models.backbones import backbone_kwargs, build_backbone
 from dynammo.models.network import IncrementalNet
 
 OPT_TYPES = ("sgd", "adam", "adamw")

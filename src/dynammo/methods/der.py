@@ -39,7 +39,7 @@ from dynammo.data.scenario import Task
 from dynammo.engine import Batch, OptimSettings
 from dynammo.methods import METHODS
 from dynammo.methods.base import Method
-from dynammo.models.backbones import Backbone, build_backbone
+from dynammo.models.backbones import Backbone, backbone_kwargs, build_backbone
 
 
 def old_vs_new_labels(y: torch.Tensor, start: int) -> torch.Tensor:
