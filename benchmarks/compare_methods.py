@@ -1,7 +1,8 @@
 """Run several methods under ONE protocol (same data, split, class order, backbone, memory, budget,
-seeds) through the real CLI and print a markdown table: mean ± sample std (ddof=1) over seeds of
-average and last accuracy (or MCR, the protocol's headline), forgetting, the cost after the last
-task, the training budget each method used, and every deviation from its paper.
+seeds) through the real CLI and print the protocol's tables of `dynammo report` (dynammo.reporting):
+mean ± sample std (ddof=1) over seeds of average and last accuracy and MCR, forgetting, BWT,
+task-IL accuracy, the cost after the last task, the training budget each method used, and every
+deviation from its paper. `dynammo report OUT` makes the figures, LaTeX and HTML of the same runs.
 
     python benchmarks/compare_methods.py --protocol mednist_cpu \\
         --methods joint finetune replay icarl gem ucir bic podnet wa der_pp der acl dynammo \\
@@ -15,15 +16,16 @@ Methods already run (their summary.json exists) are not run again.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 from dynammo.config import parse_overrides, read_yaml
+from dynammo.io import write_bytes_atomic
 from dynammo.methods import METHODS
 from dynammo.protocols import PROTOCOL_KEYS, protocol_names, read_protocol, shipped_method_file
+from dynammo.reporting import build_sections, markdown_section, read_run
+from dynammo.reporting.figures import accuracy_figure
 
 
 def fail(msg: str) -> None:
@@ -42,25 +44,23 @@ def check_method_files(protocol: str, methods) -> None:
             fail(f"{path} sets protocol key(s) {', '.join(clash)}; a method file may not change protocol {protocol}")
 
 
-def mean_std(vals) -> str:
-    if not vals:
-        return "-"
-    sd = statistics.stdev(vals) if len(vals) > 1 else float("nan")
-    return f"{statistics.mean(vals):.2f} ± {sd:.2f}"
+def method_runs(out: Path, seeds) -> list:
+    """The finished runs of one method: out/ itself for one seed, out/seed<N>/ for a seed list."""
+    dirs = [out] if len(seeds) == 1 else [out / f"seed{seed}" for seed in seeds]
+    runs = []
+    for d in dirs:
+        run, problem = read_run(d) if (d / "results.json").is_file() else (None, f"{d}: no results.json")
+        if problem or not run.usable:
+            fail(problem or f"{d}: the run is {run.state_text()}")
+        runs.append(run)
+    return runs
 
 
-def budget_text(results: dict) -> str:
-    """The training budget of a run: epochs per stage of the first and of later tasks, images seen."""
-    def stages(task):
-        return " + ".join(f"{s['stage']} {s['epochs']}" for s in task)
-
-    budget = results.get("budget") or []
-    parts = [stages(budget[0])] if budget else []
-    later = {stages(t) for t in budget[1:]}
-    if later and later != set(parts):
-        parts.append("later: " + " / ".join(sorted(later)))
-    images = sum(c.get("train_images", 0) for c in results["cost"])
-    return f"{'; '.join(parts)} ep ({images / 1000:.1f}k images)"
+def already_run(out: Path, seeds) -> bool:
+    if len(seeds) > 1:
+        return (out / "summary.json").exists()
+    run, _ = read_run(out) if (out / "results.json").is_file() else (None, None)
+    return run is not None and run.usable
 
 
 def main():
@@ -79,89 +79,31 @@ def main():
     args.seeds = seeds
     check_method_files(args.protocol, args.methods)
     changed = sorted(k for k in parse_overrides(args.overrides) if k in PROTOCOL_KEYS and k != "seed")
-    rows = []
+    runs = []
     for method in args.methods:
         out = Path(args.out) / method
-        if not (out / "summary.json").exists():
+        if not already_run(out, seeds):
             cmd = [sys.executable, "-m", "dynammo", "run", "-c", args.protocol, "-c", method, "--out", str(out),
                    f"seed=[{','.join(map(str, seeds))}]", "progress=false", *args.overrides]
             print("$", " ".join(cmd), flush=True)
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        rows.append((method, json.loads((out / "summary.json").read_text()), seed_results(args, method)))
-    hashes = {runs[0]["protocol"]["hash"] for _, _, runs in rows}
-    if len(hashes) != 1:
-        fail(f"the runs recorded different protocol hashes {sorted(hashes)}: they are not comparable")
-    print_table(args, rows, protocol.get("metric", "acc"), changed, hashes.pop())
+        runs += method_runs(out, seeds)
+    sections = build_sections(runs)
+    if len(sections) != 1:
+        fail(f"the runs recorded different protocol hashes {sorted(s.hash for s in sections)}: they are not comparable")
+    print_table(args, sections[0], changed)
     if args.plot:
-        plot_curves(args, [m for m, _, _ in rows], Path(args.plot))
+        title = f"protocol {args.protocol}, seeds {', '.join(map(str, seeds))} (± sample std)"
+        write_bytes_atomic(Path(args.plot), accuracy_figure(sections[0], title).png)
+        print(f"plot: {args.plot}")
+    print(f"tables, figures and an HTML page of these runs: dynammo report {args.out} --out REPORT_DIR")
 
 
-def print_table(args, rows, metric: str, changed, phash: str) -> None:
+def print_table(args, section, changed) -> None:
+    """The protocol's section of `dynammo report` (the same tables, from dynammo.reporting)."""
     over = f", overridden: {', '.join(changed)}" if changed else ""
-    print(f"\nprotocol {args.protocol} #{phash}{over}; seeds {args.seeds}; mean ± sample std (ddof=1); "
-          f"headline {metric}")
-    m = "acc" if metric == "acc" else "mcr"
-    print(f"| method | avg {m} | last {m} | forgetting | GFLOPs/image | params (M) | exemplars | budget | deviations |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    notes: list = []
-
-    def note_refs(devs) -> str:
-        refs = []
-        for d in devs:
-            if d not in notes:
-                notes.append(d)
-            refs.append(str(notes.index(d) + 1))
-        return ", ".join(refs) or "-"
-
-    for method, summary, runs in rows:
-        first = runs[0]
-        cost = first["cost"][-1]
-        blocks = [(first.get("label", method), runs)]
-        blocks += [(f"{first.get('label', method)}, {name} classifier (extra)", [r["extra"][name] for r in runs])
-                   for name in sorted(first.get("extra") or {})]
-        for label, res in blocks:
-            print(f"| {label} | {mean_std([r[f'avg_{m}'] for r in res])} | {mean_std([r[f'last_{m}'] for r in res])} | "
-                  f"{mean_std([r['forgetting'] for r in res if r.get('forgetting') is not None])} | "
-                  f"{cost['inference_gflops']:.3f} | {cost['params_total'] / 1e6:.2f} | {cost['memory_exemplars']} | "
-                  f"{budget_text(first)} | {note_refs(first.get('deviations') or [])} |")
-    for i, d in enumerate(notes, 1):
-        print(f"\n{i}. {d}", end="")
-    print()
-
-
-def seed_results(args, method) -> list:
-    """results.json of each seed's run of `method`."""
-    return [json.loads((Path(args.out) / method / f"seed{seed}" / "results.json").read_text()) for seed in args.seeds]
-
-
-def plot_curves(args, methods, path: Path) -> None:
-    """Accuracy on all seen classes after each task, one line per method, shaded ± sample std over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from dynammo.report import _save_fig
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for i, method in enumerate(methods):
-        runs = seed_results(args, method)
-        acc = np.array([r["acc"] for r in runs])
-        tasks = np.arange(1, acc.shape[1] + 1)
-        mean, std = acc.mean(0), acc.std(0, ddof=1) if len(acc) > 1 else np.zeros(acc.shape[1])
-        colour = plt.cm.tab20(i % 20)  # distinct colours for up to 20 methods
-        ax.plot(tasks, mean, "o-" if i % 2 == 0 else "s--", ms=3, color=colour, label=runs[0].get("label", method))
-        ax.fill_between(tasks, mean - std, mean + std, color=colour, alpha=0.08)
-    ax.set_xlabel("after task")
-    ax.set_ylabel("accuracy on all seen classes (%)")
-    ax.set_xticks(tasks)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    ax.set_title(f"protocol {args.protocol}, seeds {', '.join(map(str, args.seeds))} (± sample std)", fontsize=10)
-    _save_fig(fig, path)
-    plt.close(fig)
-    print(f"plot: {path}")
+    print(f"\nprotocol {args.protocol} #{section.hash}{over}; seeds {args.seeds}\n")
+    print(markdown_section(section, level=3))
 
 
 if __name__ == "__main__":

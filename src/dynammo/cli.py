@@ -1,4 +1,4 @@
-"""The `dynammo` command: run, resume, eval, list, cost, export, predict."""
+"""The `dynammo` command: run, resume, eval, list, cost, export, predict, report."""
 from __future__ import annotations
 
 import argparse
@@ -111,6 +111,27 @@ def _cmd_predict(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    """Tables, figures and report.html from run directories; each run that cannot be used is one line
+    on stderr (exit 2 when none can)."""
+    from dynammo.reporting import discover, make_report, parse_formats, write_report
+
+    formats = parse_formats(args.format)
+    found = discover(args.run_dirs)
+    for line in found.problems:
+        print(line, file=sys.stderr)
+    report = make_report(args.run_dirs, found)
+    for note in report.notes:
+        print(note)
+    files = write_report(report, args.out, formats)
+    runs = sum(len(s.runs) for s in report.sections)
+    names = sorted({f.name for f in files if f.parent == Path(args.out)})
+    n_figs = sum(1 for f in files if f.suffix == ".png")
+    print(f"report of {runs} runs under {len(report.sections)} protocol(s): {args.out}/ "
+          f"({', '.join(names)}; {n_figs} figures as PNG and PDF in figures/)")
+    return 0
+
+
 def key_line(key, opt) -> str:
     """One key of `dynammo list --keys`: type, default, valid range or choices, paper value, help."""
     valid = "|".join(map(str, opt.choices)) if opt.choices else opt.range_text()
@@ -202,6 +223,16 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--csv", action="store_true", help="print CSV (image,class,class_id,confidence)")
     predict.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     predict.set_defaults(func=_cmd_predict)
+    report = sub.add_parser("report", help="tables (md, csv, tex), figures and one HTML page from run directories, "
+                                           "mean ± sample std over seeds, one section per protocol")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="run directories, seed-list folders or folders holding them (searched recursively)")
+    report.add_argument("--out", default="report", help="the report folder (default: ./report; an earlier report "
+                                                        "there is replaced)")
+    report.add_argument("--format", default="md,csv,tex,html",
+                        help="comma-separated: md (report.md), csv (report.csv, per_task.csv), tex (report.tex), "
+                             "html (report.html); default: all four. Figures (PNG, PDF) and report.json always")
+    report.set_defaults(func=_cmd_report)
     lst = sub.add_parser("list", help="show protocols, methods, datasets and backbones")
     lst.add_argument("--keys", action="store_true", help="list every config key with its type and default")
     lst.set_defaults(func=_cmd_list)

@@ -245,10 +245,23 @@ OPTIONS: Dict[str, Option] = {
     "save_checkpoints": Option("bool", True, "write a checkpoint after every task"),
     "checkpoint_every": Option("int", 0, "also write a checkpoint inside a task every N epochs of each stage "
                                           "(0: only after each task and on SIGINT/SIGTERM)", min=0),
-    "tensorboard": Option("bool", True, "write TensorBoard scalars to tb/"),
+    "tensorboard": Option("bool", True, "write TensorBoard scalars to tb/ (with tracking=tensorboard; false: no tracking)"),
+    "tracking": Option("str", "tensorboard", "experiment tracking: tensorboard (tb/, as long as tensorboard=true) | "
+                                             "mlflow (an MLflow run instead of tb/: the config as params, the "
+                                             "metrics of each task, results.json, config.yaml and plots as "
+                                             "artifacts; needs pip install 'dynammo[mlflow]') | none",
+                       choices=("tensorboard", "mlflow", "none")),
+    "mlflow_uri": Option("str", None, "tracking=mlflow: the tracking URI, e.g. file:///abs/mlruns or http://host:5000 "
+                                      "(default: the file store mlruns/ in the working directory, MLflow's own "
+                                      "default, so `mlflow ui` started there shows every run)"),
+    "mlflow_experiment": Option("str", None, "tracking=mlflow: the MLflow experiment (default: the protocol's name, "
+                                             "else dynammo)"),
     "plots": Option("bool", True, "write plots/ after the run"),
     "progress": Option("auto_bool", "auto", "progress bars: auto (when a terminal) | true | false"),
     "eval_task_il": Option("bool", True, "also report task-incremental accuracy"),
+    "eval_openset": Option("bool", True, "after each task, also test the images of the classes not learned yet and "
+                                         "report how well the model tells them from the seen ones (results.json "
+                                         "openset: AUROC, FPR at 95% TPR, AUPR); costs one test pass over them"),
 }
 
 # Keys of the reference framework (CL_Pytorch / PyCIL style configs) mapped to ours.
@@ -265,11 +278,13 @@ ALIASES = {
     "init_lr": "init_lrate",
     "init_lr_decay": "init_lrate_decay",
     "image_size": "img_size",
+    "openset_test": "eval_openset",
+    "is_openset_test": "eval_openset",
 }
 # Keys of the reference framework that have no effect here; accepted and reported, never silently.
 IGNORED_REFERENCE_KEYS = {
     "prefix", "version_name", "note", "save_models", "logger_type", "apply_nme", "incre_type",
-    "eval_metric", "save_pred_record", "checkpoint_names", "openset_test", "is_openset_test",
+    "eval_metric", "save_pred_record", "checkpoint_names",
     "fixed_memory", "convnet", "topk", "log_dir", "save_path", "method_type", "split_dataset",
 }
 

@@ -8,6 +8,10 @@ a = acc_matrix, a[j][i] = accuracy on task i's classes after training task j (No
 - bwt (Lopez-Paz & Ranzato 2017): mean over i < T-1 of a[T-1][i] - a[i][i]
 - mcr[j]: mean over seen classes of per-class recall (balanced accuracy)
 - task_il_acc[j]: accuracy when the task id is given
+- ece[j]: expected calibration error (15 bins) of the predictions on the seen classes' test images
+- openset.auroc/fpr95/aupr/aupr_out[j]: how well the known-score separates the seen classes' test
+  images (positive) from those of the classes not learned yet (None after the last task)
+Formulas of the last two: `openset.py`.
 """
 from __future__ import annotations
 
@@ -79,6 +83,10 @@ class ContinualMetrics:
         # extra classifiers (iCaRL's CNN head beside its NME): the same metrics, each its own set
         self.extra: Dict[str, "ContinualMetrics"] = {}
         self.last_confusion: Optional[np.ndarray] = None
+        # calibration and open-set detection (percent), one entry per evaluated task
+        self.ece: List[Optional[float]] = []
+        self.openset: List[Optional[dict]] = []  # {auroc, fpr95, aupr, aupr_out, n_known, n_unknown} or None
+        self.openset_score: Optional[str] = None  # the score's name; None: open-set evaluation is off
 
     def add(self, j: int, y_true, y_pred, y_pred_task_il=None, extra_preds: Optional[dict] = None) -> None:
         y_true, y_pred = _np(y_true), _np(y_pred)
@@ -99,10 +107,18 @@ class ContinualMetrics:
             self.extra.setdefault(name, ContinualMetrics(self.bounds)).add(j, y_true, pred)
         self.last_confusion = confusion_matrix(y_true, y_pred, seen_end)
 
+    def add_scores(self, ece: Optional[float], openset: Optional[dict]) -> None:
+        """The calibration error and the open-set metrics (or None) of the task just added."""
+        # a run resumed from a checkpoint written before these metrics existed: None for its tasks
+        missing = len(self.acc) - 1 - len(self.ece)
+        self.ece += [None] * missing + [ece]
+        self.openset += [None] * missing + [openset]
+
     def state_dict(self) -> dict:
         return {"acc_matrix": self.acc_matrix, "acc": self.acc, "mcr": self.mcr, "task_il_acc": self.task_il_acc,
                 "extra": {name: m.state_dict() for name, m in self.extra.items()},
-                "last_confusion": None if self.last_confusion is None else self.last_confusion.tolist()}
+                "last_confusion": None if self.last_confusion is None else self.last_confusion.tolist(),
+                "ece": self.ece, "openset": self.openset, "openset_score": self.openset_score}
 
     def load_state_dict(self, state: dict) -> None:
         self.acc_matrix, self.acc, self.mcr = state["acc_matrix"], state["acc"], state["mcr"]
@@ -113,6 +129,9 @@ class ContinualMetrics:
             self.extra[name].load_state_dict(sub)
         conf = state["last_confusion"]
         self.last_confusion = None if conf is None else np.asarray(conf, dtype=np.int64)
+        # absent from checkpoints written before these metrics existed (add_scores pads them)
+        self.ece, self.openset = list(state.get("ece", [])), list(state.get("openset", []))
+        self.openset_score = state.get("openset_score", self.openset_score)
 
     def summary(self) -> dict:
         out = {
@@ -130,4 +149,30 @@ class ContinualMetrics:
         if self.extra:
             out["extra"] = {name: {k: v for k, v in m.summary().items() if k != "task_il_acc"}
                             for name, m in self.extra.items()}
+        if self.ece:  # the extra classifiers have none: their predictions come without a confidence
+            out.update(self.calibration_summary())
+            out["openset"] = self.openset_summary()
         return out
+
+    def calibration_summary(self) -> dict:
+        known = [e for e in self.ece if e is not None]
+        return {"ece": self.ece, "avg_ece": float(np.mean(known)) if known else None,
+                "last_ece": self.ece[-1] if self.ece else None}
+
+    def openset_summary(self) -> Optional[dict]:
+        """Per task lists (None where no class is left unseen) and their means over the tasks that
+        have a value; None when open-set evaluation is off."""
+        if self.openset_score is None:
+            return None
+        out: dict = {"score": self.openset_score, "positive": "known"}
+        for key in OPENSET_KEYS:
+            out[key] = [None if o is None else o[key] for o in self.openset]
+        for key in ("n_known", "n_unknown"):
+            out[key] = [None if o is None else o[key] for o in self.openset]
+        for key in OPENSET_KEYS:
+            vals = [v for v in out[key] if v is not None]
+            out[f"avg_{key}"] = float(np.mean(vals)) if vals else None
+        return out
+
+
+OPENSET_KEYS = ("auroc", "fpr95", "aupr", "aupr_out")

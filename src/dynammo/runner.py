@@ -19,15 +19,18 @@ from dynammo.cost import count_params, gflops_per_image
 from dynammo.data import load_data
 from dynammo.data.scenario import Scenario
 from dynammo.data.transforms import make_transforms
+from dynammo.deploy import decision
 from dynammo.engine import Engine, resolve_device, seed_everything
 from dynammo.errors import RunInterrupted, UserError
 from dynammo.journal import FitJournal, rng_state, set_rng_state
-from dynammo.metrics import ContinualMetrics, accuracy, task_il_predictions
+from dynammo.metrics import OPENSET_KEYS, ContinualMetrics, accuracy, task_il_predictions
 from dynammo.methods import METHODS
 from dynammo.methods.base import check_eval_mode
+from dynammo.openset import expected_calibration_error, known_score, open_set_metrics
 from dynammo.protocols import protocol_record
 from dynammo.report import RunWriter, check_run_dir, format_table, make_plots, versions
 from dynammo.io import write_json_atomic
+from dynammo.tracking import check_tracking, make_tracker, tensorboard_on
 
 
 def default_run_dir(cfg) -> Path:
@@ -60,7 +63,7 @@ def run_experiment(cfg: Config, out: Optional[Path], console: Console) -> List[d
     return results
 
 
-SUMMARY_KEYS = ("avg_acc", "last_acc", "avg_mcr", "last_mcr", "forgetting", "bwt")
+SUMMARY_KEYS = ("avg_acc", "last_acc", "avg_mcr", "last_mcr", "forgetting", "bwt", "avg_ece", "last_ece")
 
 
 def mean_std(vals: List[float]) -> dict:
@@ -82,6 +85,11 @@ def summarize(results: List[dict]) -> dict:
                 if all(r.get(key) is not None for r in runs)}
 
     out.update(block(results))
+    opensets = [r.get("openset") for r in results]
+    if all(opensets) and len({o["score"] for o in opensets}) == 1:
+        out["openset"] = {"score": opensets[0]["score"], "positive": opensets[0].get("positive", "known")}
+        out["openset"].update({f"avg_{k}": mean_std([o[f"avg_{k}"] for o in opensets]) for k in OPENSET_KEYS
+                               if all(o.get(f"avg_{k}") is not None for o in opensets)})
     extras = sorted(set.intersection(*(set(r.get("extra") or {}) for r in results)))
     if extras:
         out["extra"] = {name: block([r["extra"][name] for r in results]) for name in extras}
@@ -106,9 +114,13 @@ def prepare(cfg: Config, console: Console):
 def run_single(cfg: Config, run_dir: Path, console: Console) -> dict:
     run_dir = Path(run_dir)
     check_run_dir(run_dir)
+    check_tracking(cfg)
     data, scenario, engine, method = prepare(cfg, console)
-    writer = RunWriter(run_dir, cfg, tensorboard=cfg.tensorboard)
-    return _run(cfg, data, scenario, engine, method, writer, console, Progress.fresh(cfg, data, scenario))
+    progress = Progress.fresh(cfg, data, scenario)
+    tracker = make_tracker(cfg, run_dir, console)
+    tracker.start(progress.results)  # before anything is written: an unreachable store stops here
+    writer = RunWriter(run_dir, cfg, tensorboard=tensorboard_on(cfg))
+    return _run(cfg, data, scenario, engine, method, writer, console, progress, tracker)
 
 
 def resume_run(run_dir, console: Console, device: Optional[str] = None) -> dict:
@@ -120,6 +132,7 @@ def resume_run(run_dir, console: Console, device: Optional[str] = None) -> dict:
     cfg = read_run_config(run_dir)
     if device:
         cfg["device"] = device
+    check_tracking(cfg)
     results_file = run_dir / "results.json"
     if results_file.is_file() and json.loads(results_file.read_text()).get("status") == "complete":
         raise UserError(f"the run in {run_dir} is complete; nothing to resume (evaluate it with `dynammo eval {run_dir}`)")
@@ -131,6 +144,8 @@ def resume_run(run_dir, console: Console, device: Optional[str] = None) -> dict:
         check_same_run(ckpt, cfg, data, scenario, found[max(found)])
         method.load_state_dict(ckpt["state"])
         progress = Progress.restore(ckpt)
+        # what the run's config says, also for a checkpoint written before open-set metrics existed
+        progress.metrics.openset_score = METHODS.get(cfg.method).known_score_name if cfg.eval_openset else None
         set_rng_state(ckpt["rng"], engine.generator)
     for stale in (run_dir / "checkpoints").glob(".*.tmp"):  # a write cut short by a kill
         stale.unlink()
@@ -144,13 +159,15 @@ def resume_run(run_dir, console: Console, device: Optional[str] = None) -> dict:
     if progress.next_task >= len(scenario) and partial is None:
         raise UserError(f"every task of {run_dir} has a checkpoint; the run only missed its final write: "
                         f"evaluate it with `dynammo eval {run_dir}`")
-    writer = RunWriter(run_dir, cfg, tensorboard=cfg.tensorboard, resume=True)
+    tracker = make_tracker(cfg, run_dir, console)
+    tracker.start(progress.results)  # an MLflow run continues the run's own (results.json `tracking`)
+    writer = RunWriter(run_dir, cfg, tensorboard=tensorboard_on(cfg), resume=True)
     writer.rows = list(progress.rows)
     where = f"task {progress.next_task + 1}" + (" (mid-task)" if partial else "")
     console.attach(run_dir / "log.txt")
     console.print(f"resuming {run_dir} at {where}")
     console.detach()
-    return _run(cfg, data, scenario, engine, method, writer, console, progress, partial)
+    return _run(cfg, data, scenario, engine, method, writer, console, progress, tracker, partial)
 
 
 def check_same_run(ckpt: dict, cfg, data, scenario, path) -> None:
@@ -184,7 +201,9 @@ class Progress:
             "class_order": scenario.class_order, "tasks": scenario.classes_of_tasks(),
             "class_names": scenario.class_names, "cost": [], "versions": versions(), "status": "running",
         }
-        return cls(ContinualMetrics([(t.start, t.end) for t in scenario.tasks]), results, [], 0)
+        metrics = ContinualMetrics([(t.start, t.end) for t in scenario.tasks])
+        metrics.openset_score = method_cls.known_score_name if cfg.eval_openset else None
+        return cls(metrics, results, [], 0)
 
     @classmethod
     def restore(cls, ckpt: dict) -> "Progress":
@@ -229,9 +248,11 @@ def mark_stopped(writer, status: str, reason: str) -> None:
             pass  # the disk is full: the previous results.json is still intact
 
 
-def _run(cfg, data, scenario, engine, method, writer, console, progress, partial=None) -> dict:
+def _run(cfg, data, scenario, engine, method, writer, console, progress, tracker, partial=None) -> dict:
     engine.tb = writer.tb
     console.attach(writer.dir / "log.txt")
+    tracker.attach(writer)
+    status = "failed"
     if cfg.save_checkpoints:
         engine.journal = FitJournal(method.capture_training_state, method.restore_training_state)
         ds_name = "+".join(data.names)
@@ -246,15 +267,22 @@ def _run(cfg, data, scenario, engine, method, writer, console, progress, partial
             engine.journal.load(partial["journal"])
     try:
         with stop_on_signals(engine, console):
-            return _train_all_tasks(cfg, method, engine, data, scenario, writer, console, progress)
+            results = _train_all_tasks(cfg, method, engine, data, scenario, writer, console, progress, tracker)
+        status = "complete"
+        return results
     except RunInterrupted as exc:
+        status = "interrupted"
         saved = "its state is saved" if cfg.save_checkpoints else "nothing was saved (save_checkpoints=false)"
         mark_stopped(writer, "interrupted", str(exc))
         raise RunInterrupted(f"{exc}; {saved}: continue with `dynammo resume {writer.dir}`") from None
+    except KeyboardInterrupt:  # a second signal: stopped at once
+        status = "interrupted"
+        raise
     except UserError as exc:  # e.g. a diverged loss: the finished tasks' results and checkpoints stay
         mark_stopped(writer, "failed", str(exc))
         raise
     finally:
+        tracker.finish(progress.results, status)
         writer.close()
         console.detach()
 
@@ -267,8 +295,11 @@ def scenario_record(data, scenario) -> dict:
 
 
 def evaluate(cfg, method, engine, scenario, task, metrics: ContinualMetrics) -> Optional[float]:
-    """Test the method on every class seen up to `task`; adds the row to `metrics`. Returns the
-    task-id accuracy of methods that infer the task (ACL, DynaMMo), else None."""
+    """Test the method on every class seen up to `task`; adds the row to `metrics`, with the
+    calibration error of its predictions and, when `eval_openset`, the open-set metrics of its
+    known-score against the test images of the classes not learned yet (the same eval-mode
+    forward passes; nothing of it feeds back into training). Returns the task-id accuracy of
+    methods that infer the task (ACL, DynaMMo), else None."""
     bounds = [(t.start, t.end) for t in scenario.tasks]
     method.eval_mode()
     check_eval_mode(method)  # else BatchNorm makes the accuracy depend on the test batch
@@ -282,9 +313,25 @@ def evaluate(cfg, method, engine, scenario, task, metrics: ContinualMetrics) -> 
         til_pred = task_il_predictions(out.get("task_il_logits", logits), y, bounds[: task.id + 1])
     extra = {k[len("pred_"):]: v.long() for k, v in out.items() if k.startswith("pred_")}
     metrics.add(task.id, y, pred, til_pred, extra)
+    metrics.add_scores(100.0 * expected_calibration_error(decision(out)[1], pred == y),
+                       open_set(cfg, method, engine, scenario, task, out))
     if "task_id" in out:
         return accuracy(scenario.task_of_label(y), out["task_id"].long())
     return None
+
+
+def open_set(cfg, method, engine, scenario, task, seen_out: dict) -> Optional[dict]:
+    """AUROC, FPR95, AUPR-In/-Out (percent) of the known-score of the seen classes' test images
+    (positive) against the unseen classes'; None when off or no class is left unseen."""
+    if not cfg.eval_openset:
+        return None
+    unseen = scenario.test_data_unseen(task)
+    if not len(unseen):
+        return None
+    unseen_out = engine.apply(method.predict, unseen)
+    known, unknown = known_score(seen_out), known_score(unseen_out)
+    values = open_set_metrics(known, unknown)
+    return {**{k: 100.0 * v for k, v in values.items()}, "n_known": len(known), "n_unknown": len(unknown)}
 
 
 def evaluate_checkpoint(run_dir, task: Optional[int], console: Console, device: Optional[str] = None) -> dict:
@@ -307,7 +354,8 @@ def evaluate_checkpoint(run_dir, task: Optional[int], console: Console, device: 
     out = {"task": t.id + 1, "classes": t.end, "acc": metrics.acc[-1], "mcr": metrics.mcr[-1],
            "task_il_acc": metrics.task_il_acc[-1] if metrics.task_il_acc else None,
            "acc_per_task": metrics.acc_matrix[-1][: t.id + 1], "task_id_acc": task_id_acc,
-           "extra": {k: m.acc[-1] for k, m in metrics.extra.items()}, "checkpoint": str(path)}
+           "extra": {k: m.acc[-1] for k, m in metrics.extra.items()}, "ece": metrics.ece[-1],
+           "openset": metrics.openset[-1], "checkpoint": str(path)}
     results_file = run_dir / "results.json"
     if results_file.is_file():
         recorded = json.loads(results_file.read_text()).get("acc") or []
@@ -315,7 +363,7 @@ def evaluate_checkpoint(run_dir, task: Optional[int], console: Console, device: 
     return out
 
 
-def _train_all_tasks(cfg, method, engine, data, scenario, writer, console, progress: Progress) -> dict:
+def _train_all_tasks(cfg, method, engine, data, scenario, writer, console, progress: Progress, tracker) -> dict:
     metrics, results = progress.metrics, progress.results
     ds_name = "+".join(data.names)
     console.print(f"{cfg.method} on {ds_name}: {data.num_classes} classes, {len(scenario)} tasks "
@@ -366,9 +414,13 @@ def _train_all_tasks(cfg, method, engine, data, scenario, writer, console, progr
             writer.remove_partial()
         writer.write_results(results)
         writer.write_rows(progress.rows)
+        tracker.log_task(results, task.id)
         til_txt = f", task-IL {metrics.task_il_acc[-1]:.2f}" if metrics.task_il_acc else ""
         if "task_id_acc" in results:
             til_txt += f", task-id {results['task_id_acc'][-1]:.2f}"
+        til_txt += f", ECE {metrics.ece[-1]:.2f}"
+        if metrics.openset[-1] is not None:
+            til_txt += f", open-set AUROC {metrics.openset[-1]['auroc']:.2f}"
         console.print(f"{engine.task_label} done: accuracy on {task.end} seen classes {metrics.acc[-1]:.2f} "
                       f"(mcr {metrics.mcr[-1]:.2f}{til_txt}), {cost['inference_gflops']:.3f} GFLOPs/image, "
                       f"{n_ex} exemplars, {train_seconds:.1f}s")

@@ -98,6 +98,10 @@ class Scenario:
         """Test images of every class seen up to and including `task`."""
         return self.test.of_classes(range(0, task.end))
 
+    def test_data_unseen(self, task: Task) -> ImageSet:
+        """Test images of every class not learned yet after `task` (none after the last task)."""
+        return self.test.of_classes(range(task.end, self.tasks[-1].end))
+
     def task_of_label(self, labels: torch.Tensor) -> torch.Tensor:
         ends = torch.tensor([t.end for t in self.tasks])
         return torch.bucketize(labels, ends, right=True)

@@ -132,6 +132,7 @@ class ACL(Method):
     uses_memory = True
     options = ACL_OPTIONS
     net_class = ACLNet
+    known_score_name = "others"  # 1 - min over heads of p(others), from min_others
 
     @classmethod
     def backbone_needs(cls, cfg) -> tuple:

@@ -13,7 +13,9 @@ every method; anything else a method keeps between tasks (tensors, numbers) goes
   once per stage.
 - GEM-like methods pass `before_step` to `fit` (runs between backward and the optimiser step).
 - `predict` returns {"logits": (B, n_seen)} (class-IL argmax, task-IL argmax within the task's
-  classes); a method with its own decision rule may add "pred" (B,) and "task_il_logits".
+  classes); a method with its own decision rule may add "pred" (B,) and "task_il_logits", and one
+  with a better open-set score than the max-softmax of "logits" adds "known_score" (B,), higher for
+  images of classes it has learned, and names it in `known_score_name` (results.json `openset.score`).
 Device, AMP, progress bars, metrics, checkpoints and cost accounting come from the framework.
 """
 from __future__ import annotations
@@ -39,6 +41,9 @@ class Method:
     options: Dict[str, Option] = {}  # method-specific config keys
     uses_memory = False
     summary = ""
+    # the open-set score: "max_softmax" (the runner's default) or the name of what predict returns
+    # as "known_score"
+    known_score_name = "max_softmax"
 
     def __init__(self, cfg, engine: Engine, scenario: Scenario):
         self.cfg = cfg

@@ -44,7 +44,9 @@ def min_others(head_logits: Sequence[torch.Tensor]) -> Dict[str, torch.Tensor]:
     - "task_id" (B,): the chosen task;
     - "task_il_logits" (B, n_seen): each head's real-class probabilities in its classes' columns;
     - "logits" (B, n_seen): the same probabilities, minus 2 outside the chosen task, so that its
-      argmax is exactly "pred".
+      argmax is exactly "pred";
+    - "known_score" (B,): 1 - min_i o_i, how sure the heads are that the image is of a class they
+      know (the reference framework's ACL open-set score; the runner's open-set metrics use it).
     """
     probs = [torch.softmax(z.float(), dim=1) for z in head_logits]
     others = torch.stack([p[:, -1] for p in probs], dim=1)  # (B, T)
@@ -55,4 +57,5 @@ def min_others(head_logits: Sequence[torch.Tensor]) -> Dict[str, torch.Tensor]:
     col_task = torch.cat([torch.full((n,), i, dtype=torch.long, device=real.device) for i, n in enumerate(sizes)])
     chosen = col_task.unsqueeze(0) == task_id.unsqueeze(1)
     logits = torch.where(chosen, real, real - 2.0)
-    return {"logits": logits, "pred": logits.argmax(dim=1), "task_id": task_id, "task_il_logits": real}
+    return {"logits": logits, "pred": logits.argmax(dim=1), "task_id": task_id, "task_il_logits": real,
+            "known_score": 1.0 - others.amin(dim=1)}

@@ -1,0 +1,149 @@
+"""Finding runs: every folder holding a results.json under the given paths (single runs and the
+seed<N>/ folders of a seed list), read and sorted into usable, not-averaged and unreadable ones."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, List, Optional, Tuple
+
+# folders of a run directory that never hold a run: not walked
+_SKIP_DIRS = {"checkpoints", "tb", "plots", "figures", "__pycache__"}
+
+
+@dataclass
+class Run:
+    """One run directory and its results.json."""
+
+    dir: Path
+    results: dict
+    config_text: Optional[str] = None
+
+    @property
+    def status(self) -> str:
+        return self.results.get("status") or "complete"  # results.json written before `status` existed
+
+    @property
+    def usable(self) -> bool:
+        return self.status == "complete"
+
+    @property
+    def method(self) -> str:
+        return self.results["method"]
+
+    @property
+    def label(self) -> str:
+        return self.results.get("label") or self.results["method"]
+
+    @property
+    def seed(self):
+        return self.results.get("seed")
+
+    @property
+    def tasks_done(self) -> int:
+        return len(self.results.get("acc_matrix") or [])
+
+    @property
+    def tasks_total(self) -> Optional[int]:
+        tasks = self.results.get("tasks")
+        return len(tasks) if isinstance(tasks, list) else None
+
+    @property
+    def protocol_key(self) -> Tuple[Optional[str], str]:
+        """(name, hash): runs are only ever averaged within one key. A results.json without a protocol
+        record is keyed by its dataset and backbone, and its section says that nothing is known to match."""
+        p = self.results.get("protocol") or {}
+        if p.get("hash"):
+            return p.get("name"), str(p["hash"])
+        return None, f"unrecorded:{self.results.get('dataset', '?')}/{self.results.get('backbone', '?')}"
+
+    def state_text(self) -> str:
+        """How far a run that is not averaged got: 'running, 2/3 tasks done'."""
+        total = self.tasks_total
+        done = f"{self.tasks_done}/{total}" if total else str(self.tasks_done)
+        text = f"{self.status}, {done} tasks done"
+        if self.results.get("stopped_because"):
+            text += f" (stopped because: {' '.join(str(self.results['stopped_because']).split())})"
+        return text
+
+
+@dataclass
+class Discovery:
+    runs: List[Run] = field(default_factory=list)  # complete runs: averaged
+    unfinished: List[Run] = field(default_factory=list)  # running / interrupted / failed: listed only
+    problems: List[str] = field(default_factory=list)  # one line each, for stderr
+    skipped: List[str] = field(default_factory=list)  # the problems that are not unfinished runs
+
+
+def _walk(root: Path) -> Iterable[Path]:
+    """Every folder at or below root holding a results.json, in sorted order."""
+    for here, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith("."))
+        if "results.json" in files:
+            yield Path(here)
+
+
+def read_run(run_dir: Path) -> Tuple[Optional[Run], Optional[str]]:
+    """(run, None), or (None, why it cannot be used) for a half-written or foreign results.json."""
+    path = run_dir / "results.json"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, f"skipped {path}: cannot be read ({getattr(exc, 'strerror', None) or exc})"
+    try:
+        results = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return None, f"skipped {path}: not valid JSON (half-written?) at line {exc.lineno} column {exc.colno}"
+    missing = [k for k in ("method", "acc_matrix") if not isinstance(results, dict) or k not in results]
+    if missing:
+        return None, f"skipped {path}: not a dynammo results.json (no {' or '.join(missing)})"
+    run = Run(run_dir, results)
+    if run.usable and (not run.results["acc_matrix"] or len(run.results.get("acc") or []) != run.tasks_done
+                       or len(run.results.get("cost") or []) != run.tasks_done):
+        return None, f"skipped {path}: status complete but acc_matrix, acc and cost disagree on the number of tasks"
+    cfg = run_dir / "config.yaml"
+    if cfg.is_file():
+        try:
+            run.config_text = cfg.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            run.config_text = None
+    return run, None
+
+
+def discover(paths: Iterable) -> Discovery:
+    """Read every run under `paths` (folders, or results.json files). A folder given twice, or inside
+    another one given, counts once."""
+    found = Discovery()
+    seen = set()
+    for given in paths:
+        root = Path(given)
+        if root.is_file() and root.name == "results.json":
+            root = root.parent
+        problem = None
+        if not root.exists():
+            problem = f"skipped {given}: no such file or directory"
+        elif not root.is_dir():
+            problem = f"skipped {given}: not a directory (give run directories or folders of them)"
+        dirs = [] if problem else list(_walk(root))
+        if not problem and not dirs:
+            problem = f"skipped {given}: holds no run (no results.json in it or below it)"
+        if problem:
+            found.problems.append(problem)
+            found.skipped.append(problem)
+            continue
+        for run_dir in dirs:
+            key = run_dir.resolve()
+            if key in seen:
+                continue
+            seen.add(key)
+            run, problem = read_run(run_dir)
+            if problem:
+                found.problems.append(problem)
+                found.skipped.append(problem)
+            elif run.usable:
+                found.runs.append(run)
+            else:
+                found.unfinished.append(run)
+                found.problems.append(f"not averaged {run_dir}: {run.label} seed {run.seed} is {run.state_text()}")
+    return found
