@@ -48,6 +48,15 @@ def test_random_crop_matches_a_manual_crop_for_a_fixed_generator():
     assert torch.equal(out, random_crop(x, pad, torch.Generator().manual_seed(7)))
 
 
+def test_crop_by_slices_and_by_gather_are_identical():
+    """The CPU takes one slice copy per image, an accelerator one gather: both paths, same crops."""
+    x, pad = _images(b=16), 3
+    by_slices = random_crop(x, pad, torch.Generator().manual_seed(3), per_image=True)
+    by_gather = random_crop(x, pad, torch.Generator().manual_seed(3), per_image=False)
+    assert torch.equal(by_slices, by_gather)
+    assert torch.equal(random_crop(x, pad, torch.Generator().manual_seed(3)), by_slices)  # the CPU default
+
+
 def test_flip_only_when_training():
     x = _images(b=64, c=1, h=4, w=5)
     ident = dict(mean=(0.0,), std=(1.0,), out_channels=1)

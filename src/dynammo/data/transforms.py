@@ -39,11 +39,19 @@ class BatchTransform:
         return x
 
 
-def random_crop(x: torch.Tensor, pad: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Zero-pad by `pad` then crop back to H x W at a random offset per image (one gather)."""
+def random_crop(x: torch.Tensor, pad: int, generator: Optional[torch.Generator] = None,
+                per_image: Optional[bool] = None) -> torch.Tensor:
+    """Zero-pad by `pad` then crop back to H x W at a random offset per image (one gather on an
+    accelerator, one slice copy per image on the CPU)."""
     b, c, h, w = x.shape
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    off = torch.randint(0, 2 * pad + 1, (2, b), generator=generator).to(x.device)
+    off = torch.randint(0, 2 * pad + 1, (2, b), generator=generator)
+    if x.device.type == "cpu" if per_image is None else per_image:  # ~20x faster than the gather on CPU, same values
+        out = torch.empty_like(x)
+        for i, (r, col) in enumerate(off.t().tolist()):
+            out[i] = padded[i, :, r:r + h, col:col + w]
+        return out
+    off = off.to(x.device)
     rows = (off[0].view(b, 1) + torch.arange(h, device=x.device).view(1, h))  # (B, H)
     cols = (off[1].view(b, 1) + torch.arange(w, device=x.device).view(1, w))  # (B, W)
     bi = torch.arange(b, device=x.device).view(b, 1, 1, 1)
