@@ -85,8 +85,13 @@ def test_metrics_csv_and_log(replay_run):
     r = json.loads((out / "results.json").read_text())
     assert [int(row["task"]) for row in rows] == [1, 2, 3, 4, 5]
     assert [float(row["acc"]) for row in rows] == pytest.approx(r["acc"])
+    assert [float(row["ece"]) for row in rows] == pytest.approx(r["ece"])
+    # open-set columns: a value while unseen classes remain, an empty cell after the last task
+    assert [float(row["openset_auroc"]) for row in rows[:-1]] == pytest.approx(r["openset"]["auroc"][:-1])
+    assert rows[-1]["openset_auroc"] == "" and rows[-1]["openset_fpr95"] == ""
     log = (out / "log.txt").read_text()
     assert "task 5/5 done" in log and "avg acc" in log
+    assert f"avg ece {r['avg_ece']:.2f}" in log and f"open-set avg auroc {r['openset']['avg_auroc']:.2f}" in log
     assert "after task" in proc.stdout  # the table of accuracy after each task
 
 

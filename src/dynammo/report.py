@@ -17,7 +17,8 @@ from dynammo import __version__
 from dynammo.errors import UserError
 from dynammo.io import save_torch_atomic, write_bytes_atomic, write_json_atomic, write_text_atomic
 
-CSV_FIELDS = ["task", "classes", "acc", "mcr", "task_il_acc", "avg_acc_so_far", "params_total",
+CSV_FIELDS = ["task", "classes", "acc", "mcr", "task_il_acc", "avg_acc_so_far", "ece", "openset_auroc",
+              "openset_fpr95", "params_total",
               "params_trainable", "inference_gflops", "memory_exemplars", "memory_bytes", "train_seconds"]
 
 
@@ -175,6 +176,12 @@ def format_table(results: dict) -> str:
     lines.append(f"avg acc {results['avg_acc']:.2f}  last acc {results['last_acc']:.2f}  "
                  f"avg mcr {results['avg_mcr']:.2f}  last mcr {results['last_mcr']:.2f}"
                  + (f"  forgetting {f:.2f}  bwt {results['bwt']:.2f}" if f is not None else ""))
+    if results.get("avg_ece") is not None and results.get("last_ece") is not None:
+        openset = results.get("openset") or {}
+        auroc, fpr95 = openset.get("avg_auroc"), openset.get("avg_fpr95")
+        lines.append(f"avg ece {results['avg_ece']:.2f}  last ece {results['last_ece']:.2f}"
+                     + (f"  open-set avg auroc {auroc:.2f}  avg fpr95 {fpr95:.2f} ({openset['score']})"
+                        if auroc is not None and fpr95 is not None else ""))
     for name, extra in (results.get("extra") or {}).items():
         lines.append(f"  {name} classifier: avg acc {extra['avg_acc']:.2f}  last acc {extra['last_acc']:.2f}")
     lines += run_identity_lines(results)

@@ -287,6 +287,13 @@ def _run(cfg, data, scenario, engine, method, writer, console, progress, tracker
         console.detach()
 
 
+def openset_row(metrics: ContinualMetrics) -> dict:
+    """metrics.csv's calibration and open-set columns after the latest task (empty cells when absent)."""
+    openset = metrics.openset[-1] if metrics.openset else None
+    return {"ece": metrics.ece[-1] if metrics.ece else None,
+            "openset_auroc": (openset or {}).get("auroc"), "openset_fpr95": (openset or {}).get("fpr95")}
+
+
 def scenario_record(data, scenario) -> dict:
     """What rebuilding the model needs without the data: classes, split and input normalisation."""
     return {"class_names": list(data.class_names), "class_order": list(scenario.class_order),
@@ -402,7 +409,7 @@ def _train_all_tasks(cfg, method, engine, data, scenario, writer, console, progr
         results.update(metrics.summary())
         progress.rows.append({"task": task.id + 1, "classes": task.end, "acc": metrics.acc[-1], "mcr": metrics.mcr[-1],
                               "task_il_acc": metrics.task_il_acc[-1] if metrics.task_il_acc else None,
-                              "avg_acc_so_far": float(np.mean(metrics.acc)), **cost})
+                              "avg_acc_so_far": float(np.mean(metrics.acc)), **openset_row(metrics), **cost})
         progress.next_task = task.id + 1
         if cfg.save_checkpoints:  # before results.json: a results.json row always has its checkpoint
             writer.save_checkpoint(task.id, {
