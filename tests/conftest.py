@@ -47,14 +47,11 @@ def shared_file(shared_data):
 
 @pytest.fixture
 def single_thread():
-    """Run a test's tensor ops on one thread: tiny convolutions on 2 oversubscribed cores are ~20x
-    slower with two OpenMP threads than with one. The previous setting is restored afterwards."""
-    import torch
+    """Run a test's tensor ops on one thread (method_helpers.one_thread)."""
+    from method_helpers import one_thread
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_thread():
+        yield
 
 
 @pytest.fixture
@@ -165,22 +162,16 @@ def tiny_run(tmp_path_factory):
     """tiny_run(method) -> the run directory of a real `dynammo run` (in this process, one thread) of
     `method` at method_helpers.TINY_RUN size; one run per method per session, shared by every test
     that reads it (the contract tests and the methods' end-to-end tests). Treat it as read-only."""
-    import torch
-
     from dynammo.cli import main
-    from method_helpers import tiny_run_args
+    from method_helpers import one_thread, tiny_run_args
 
     runs = {}
 
     def get(name: str) -> Path:
         if name not in runs:
             out = tmp_path_factory.mktemp("tiny_runs") / name
-            before = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
+            with one_thread():
                 rc = main(["run", "--out", str(out), *tiny_run_args(name)])
-            finally:
-                torch.set_num_threads(before)
             assert rc == 0, f"`dynammo run` of {name} failed (exit status {rc}); see the captured output"
             runs[name] = out
         return runs[name]

@@ -2,6 +2,8 @@
 the runner trains it, and state-dict snapshots to compare bit for bit."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from dynammo.config import build_config
@@ -34,6 +36,18 @@ def needs_vit(name: str) -> bool:
     from dynammo.methods.prompt_base import PromptMethod
 
     return issubclass(METHODS.get(name), PromptMethod)
+
+
+@contextmanager
+def one_thread():
+    """Tensor ops on one thread inside the block (tiny convolutions on 2 oversubscribed cores are
+    ~20x slower with two OpenMP threads); the previous setting is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def make_method(name: str, base: dict = TINY, check: bool = True, **kw):

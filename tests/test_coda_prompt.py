@@ -168,7 +168,6 @@ def test_zero_length_components_give_the_frozen_model():
             torch.testing.assert_close(feats, frozen, rtol=0, atol=1e-6)
 
 
-
 # ---------------------------------------------------------------- the prompt formula
 
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from dynammo.cli import main
 from dynammo.models.backbones import build_backbone
+
+from method_helpers import one_thread
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 SMALL = ["backbone=resnet20", "progress=false", "plots=false", "tensorboard=false", "save_checkpoints=false"]
@@ -28,12 +29,8 @@ def run(out, *args) -> dict:
 @pytest.fixture(scope="module")
 def baselines(tmp_path_factory):
     root = tmp_path_factory.mktemp("digits")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         return {m: run(root / m, f"method={m}", "epochs=3") for m in ("finetune", "replay", "joint")}
-    finally:
-        torch.set_num_threads(before)
 
 
 def old_tasks_after_the_last(r) -> float:
@@ -74,12 +71,8 @@ def adapter_runs(tmp_path_factory):
     per stage: the cost does not depend on the training."""
     root = tmp_path_factory.mktemp("adapters")
     tiny = ["epochs=1", "backbone_epochs=1", "epochs_finetune=1", "max_train_per_class=20"]
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         return {"dynammo": run(root / "dynammo", *tiny), "acl": run(root / "acl", "method=acl", *tiny)}
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_no_config_runs_the_embedded_dynammo_default(adapter_runs):

@@ -139,7 +139,6 @@ def test_zero_length_prompts_give_the_frozen_model():
             torch.testing.assert_close(feats, frozen, rtol=0, atol=1e-6)
 
 
-
 # ---------------------------------------------------------------- selection
 
 
@@ -401,4 +400,3 @@ def test_a_tiny_run_ends_with_an_accuracy_per_task(tiny_run):
     assert r["status"] == "complete" and len(r["acc"]) == len(r["tasks"]) == 3
     assert len(r["task_id_acc"]) == 3 and r["task_id_acc"][0] == 100.0  # one key: task 1 is always found
     assert all(0.0 <= a <= 100.0 for a in r["acc"])
-

@@ -412,7 +412,6 @@ def test_eval_logits_are_batch_independent(kw):
     torch.testing.assert_close(permuted, batch[perm], rtol=0, atol=1e-5)
 
 
-
 def vit_macs(vit, n: int, extra_kv: dict) -> int:
     """The spec's section 7 formula for one pass: patch embedding + per block 4nD^2 (qkv, proj) +
     2rnD^2 (MLP, ratio r) + 2n(n + e_l)D (attention over n + e_l keys)."""

@@ -27,7 +27,7 @@ from dynammo.cli import main
 from dynammo.reporting import build_sections, discover, make_report, write_report
 from dynammo.reporting.aggregate import COLUMNS, mark_best
 from dynammo.reporting.tables import cell_text, tex_escape
-from method_helpers import tiny_run_args
+from method_helpers import one_thread, tiny_run_args
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -46,18 +46,12 @@ def stderr_lines(proc):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """root/cmp/{finetune,replay}: seed lists [0, 1]; root/other/finetune: seed 0 with max_train_per_class=10."""
-    import torch
-
     root = tmp_path_factory.mktemp("report_runs")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         for out, name, kw in [(root / "cmp" / "finetune", "finetune", {"seed": "[0,1]"}),
                               (root / "cmp" / "replay", "replay", {"seed": "[0,1]"}),
                               (root / "other" / "finetune", "finetune", {"max_train_per_class": 10})]:
             assert main(["run", "--out", str(out), *tiny_run_args(name, **kw)]) == 0
-    finally:
-        torch.set_num_threads(before)
     return root
 
 

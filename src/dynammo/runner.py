@@ -192,11 +192,12 @@ class Progress:
     @classmethod
     def fresh(cls, cfg, data, scenario) -> "Progress":
         method_cls = METHODS.get(cfg.method)
+        counts = data.class_counts()
         results = {
             "method": cfg.method, "label": method_cls.label(cfg), "protocol": protocol_record(cfg),
             "metric": cfg.metric, "deviations": method_cls.deviations(cfg), "budget": [],
             "dataset": "+".join(data.names), "data_split": data.split_text(),
-            "class_counts": {"train": [c[1] for c in data.class_counts()], "test": [c[2] for c in data.class_counts()]},
+            "class_counts": {"train": [c[1] for c in counts], "test": [c[2] for c in counts]},
             "backbone": cfg.backbone, "seed": cfg.seed,
             "class_order": scenario.class_order, "tasks": scenario.classes_of_tasks(),
             "class_names": scenario.class_names, "cost": [], "versions": versions(), "status": "running",
