@@ -14,27 +14,18 @@ import time
 
 import torch
 
+from dynammo.assembly import build_run
 from dynammo.config import load_config
-from dynammo.console import Console
 from dynammo.cost import count_params, gflops_per_image
-from dynammo.data import load_data
-from dynammo.data.scenario import Scenario
-from dynammo.data.transforms import make_transforms
-from dynammo.engine import Engine, resolve_device, seed_everything
-from dynammo.methods import METHODS
+from dynammo.engine import resolve_device
 
 
 def build(name, tasks, img_size, device):
     adapter_keys = ["backbone_epochs=0"] if name in ("acl", "dynammo") else []
     cfg = load_config(None, [f"method={name}", "dataset=digits", "backbone=resnet18", f"img_size={img_size}",
                              "init_cls=1", "increment=1", "progress=false", *adapter_keys,
-                             f"device={device}", "memory_size=10", "max_test_per_class=2"])
-    seed_everything(0)
-    data = load_data(cfg, 0)
-    scenario = Scenario.from_config(data, cfg, 0)
-    engine = Engine(cfg, Console(progress="false", quiet=True), resolve_device(device), 0)
-    engine.set_transforms(*make_transforms(data, False))
-    method = METHODS.get(name)(cfg, engine, scenario)
+                             f"device={device}", "memory_size=10", "max_test_per_class=2", "seed=0"])
+    _, scenario, _, method = build_run(cfg, device=device, check=False, augment=False)
     return method, scenario.tasks[:tasks]
 
 

@@ -20,13 +20,10 @@ import time
 import torch
 import torch.nn.functional as F
 
+from dynammo.assembly import build_run
 from dynammo.config import load_config
-from dynammo.console import Console
-from dynammo.data import load_data
-from dynammo.data.scenario import Scenario
-from dynammo.data.transforms import make_transforms, random_crop
-from dynammo.engine import Engine, OptimSettings, resolve_device, seed_everything
-from dynammo.methods import METHODS
+from dynammo.data.transforms import random_crop
+from dynammo.engine import OptimSettings
 
 
 def sync(device):
@@ -71,16 +68,12 @@ def main():
 
     cfg = load_config(["mednist_cpu", "replay"], ["seed=0",
         f"data_root={args.data_root}", f"max_train_per_class={args.per_class}", "max_test_per_class=10",
-        f"batch_size={args.batch_size}", "epochs=1", "scheduler=none", f"device={args.device}", "progress=false"])
-    device = resolve_device(cfg.device)
-    seed_everything(0)
-    data = load_data(cfg, 0)
-    scenario = Scenario.from_config(data, cfg, 0)
-    console = Console(progress="false", quiet=True)
-    engine = Engine(cfg, console, device, 0)
-    train_tf, test_tf = make_transforms(data, augment=True)
-    engine.set_transforms(train_tf, test_tf)
-    method = METHODS.get("replay")(cfg, engine, scenario)
+        f"batch_size={args.batch_size}", "epochs=1", "scheduler=none", f"device={args.device}", "progress=false",
+        # the bare loop is fp32 NCHW: the framework on the same numerics (benchmarks/cpu_paths.py compares paths)
+        "amp=false", "memory_format=contiguous"])
+    data, scenario, engine, method = build_run(cfg, augment=True)
+    device = engine.device
+    train_tf = engine.train_tf
     task = scenario.tasks[0]
     method.begin_task(task)
     train = method.training_set(task)

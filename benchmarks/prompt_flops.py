@@ -19,14 +19,9 @@ from pathlib import Path
 
 import torch
 
+from dynammo.assembly import build_run
 from dynammo.config import build_config
-from dynammo.console import Console
 from dynammo.cost import count_flops
-from dynammo.data import load_data
-from dynammo.data.scenario import Scenario
-from dynammo.data.transforms import make_transforms
-from dynammo.engine import Engine
-from dynammo.methods import METHODS
 
 D, PATCHES = 768, 196
 
@@ -43,11 +38,7 @@ def method_gflops(name: str) -> float:
     cfg = build_config({"method": name, "dataset": "digits", "backbone": "vit_base_patch16_224", "img_size": 224,
                         "pretrained": False, "init_cls": 1, "increment": 1, "shuffle": False, "progress": "false",
                         "max_train_per_class": 1, "max_test_per_class": 1, "normalize": "none"})
-    data = load_data(cfg, cfg.seed)
-    scenario = Scenario.from_config(data, cfg, cfg.seed)
-    engine = Engine(cfg, Console(progress="false", quiet=True), torch.device("cpu"), cfg.seed)
-    engine.set_transforms(*make_transforms(data, False))
-    method = METHODS.get(name)(cfg, engine, scenario)
+    _, scenario, engine, method = build_run(cfg, device="cpu", check=False, augment=False)
     method.net.freeze_backbone()
     for task in scenario.tasks:
         method.grow(task)

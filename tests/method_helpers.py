@@ -6,12 +6,8 @@ from contextlib import contextmanager
 
 import torch
 
+from dynammo.assembly import build_run
 from dynammo.config import build_config
-from dynammo.console import Console
-from dynammo.data import load_data
-from dynammo.data.scenario import Scenario
-from dynammo.data.transforms import make_transforms
-from dynammo.engine import Engine
 from dynammo.methods import METHODS
 
 # digits at 8 px on a CIFAR ResNet-20: 3 tasks (4, 3, 3 classes), seconds per task on one CPU thread
@@ -54,14 +50,7 @@ def make_method(name: str, base: dict = TINY, check: bool = True, **kw):
     """The method `name` on `base` (+ kw overrides), as the runner builds it (checks included;
     check=False skips the method's config check, to build a configuration it refuses on purpose)."""
     cfg = build_config({"method": name, **base, **tiny_keys(name), **kw})
-    data = load_data(cfg, cfg.seed)
-    scenario = Scenario.from_config(data, cfg, cfg.seed)
-    if check:
-        METHODS.get(name).check_config(cfg, data.num_classes)
-    engine = Engine(cfg, Console(progress="false", quiet=True), torch.device("cpu"), cfg.seed)
-    engine.set_transforms(*make_transforms(data, cfg.augment))
-    torch.manual_seed(cfg.seed)
-    return METHODS.get(name)(cfg, engine, scenario)
+    return build_run(cfg, device="cpu", check=check).method
 
 
 def run_task(method, task) -> None:

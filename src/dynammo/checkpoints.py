@@ -12,14 +12,11 @@ from typing import Optional
 import torch
 import yaml
 
+from dynammo.assembly import build_from_record
 from dynammo.config import Config, build_config
-from dynammo.console import Console
 from dynammo.data.imageset import ImageSet
 from dynammo.data.scenario import Scenario
-from dynammo.data.transforms import BatchTransform
-from dynammo.engine import Engine, resolve_device
 from dynammo.errors import UserError
-from dynammo.methods import METHODS
 from dynammo.methods.base import check_eval_mode
 
 _CHECKPOINT = re.compile(r"task_(\d+)\.pt$")
@@ -28,6 +25,9 @@ _CHECKPOINT = re.compile(r"task_(\d+)\.pt$")
 def read_run_config(run_dir) -> Config:
     run_dir = Path(run_dir)
     path = run_dir / "config.yaml"
+    if (run_dir / "pretrain.json").is_file():  # written by `dynammo pretrain` (dynammo/pretrain/run.py)
+        raise UserError(f"{run_dir} is a `dynammo pretrain` run, not a continual one: continue it with `dynammo "
+                        f"pretrain --resume {run_dir}`, use its backbone with pretrained={run_dir / 'backbone.pt'}")
     if not path.is_file():
         raise UserError(f"{run_dir} is not a run directory (no config.yaml); give the --out folder of a `dynammo run`")
     try:
@@ -92,10 +92,7 @@ def restore_method(cfg: Config, ckpt: dict, device: str = "cpu"):
     record = ckpt["scenario"]
     cfg = cfg.copy()
     cfg["pretrained"] = False  # the checkpoint holds every weight; the pretrained file need not exist here
-    engine = Engine(cfg, Console(progress="false", quiet=True), resolve_device(device), cfg.seed)
-    tf = BatchTransform(record["mean"], record["std"])
-    engine.set_transforms(tf, tf)
-    method = METHODS.get(cfg.method)(cfg, engine, skeleton_scenario(record))
+    method = build_from_record(cfg, skeleton_scenario(record), record["mean"], record["std"], device).method
     method.load_state_dict(ckpt["state"])
     method.eval_mode()
     check_eval_mode(method)

@@ -1,4 +1,4 @@
-"""The `dynammo` command: run, resume, eval, list, cost, export, predict, report."""
+"""The `dynammo` command: run, resume, eval, list, cost, export, predict, report, sweep, pretrain."""
 from __future__ import annotations
 
 import argparse
@@ -28,7 +28,7 @@ def start_run(cfg, notices, out) -> int:
     from dynammo.runner import run_experiment
 
     console = Console(progress=cfg.progress)
-    for n in notices:
+    for n in notices if int(os.environ.get("RANK", "0")) == 0 else ():  # torchrun: rank 0 speaks for all
         console.print(n)
     run_experiment(cfg, Path(out) if out else None, console)
     return 0
@@ -132,6 +132,20 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_sweep(args) -> int:
+    """Every (method, seed) of a grid as `dynammo run` subprocesses, K at a time; see dynammo/sweep.py."""
+    from dynammo.sweep import sweep_command
+
+    return sweep_command(args)
+
+
+def _cmd_pretrain(args) -> int:
+    """Self-supervised pretraining of a backbone without labels (SimSiam, MoCo-v2); see dynammo/pretrain/."""
+    from dynammo.pretrain.run import pretrain_command
+
+    return pretrain_command(args)
+
+
 def key_line(key, opt) -> str:
     """One key of `dynammo list --keys`: type, default, valid range or choices, paper value, help."""
     valid = "|".join(map(str, opt.choices)) if opt.choices else opt.range_text()
@@ -158,6 +172,11 @@ def _cmd_list(args) -> int:
                 print(f"keys of method {name}:")
                 for key, opt in opts.items():
                     print(key_line(key, opt))
+        from dynammo.pretrain.config import GENERAL_KEYS, PRETRAIN_OPTIONS
+
+        print(f"keys of dynammo pretrain (besides {', '.join(k for k in GENERAL_KEYS if k not in PRETRAIN_OPTIONS)}):")
+        for key, opt in PRETRAIN_OPTIONS.items():
+            print(key_line(key, opt))
         return 0
     print("protocols (dynammo run -c PROTOCOL -c METHOD; methods tuned for it in brackets):")
     for name in protocol_names():
@@ -233,6 +252,38 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated: md (report.md), csv (report.csv, per_task.csv), tex (report.tex), "
                              "html (report.html); default: all four. Figures (PNG, PDF) and report.json always")
     report.set_defaults(func=_cmd_report)
+    sweep = sub.add_parser("sweep", help="run every method x seed of a grid under one protocol, K at a time, "
+                                         "skipping finished runs and resuming interrupted ones; then the report")
+    sweep.add_argument("-c", "--config", action="append", default=[],
+                       help="a protocol name or a YAML file, repeatable (default: -c digits); methods come from "
+                            "--methods")
+    sweep.add_argument("--methods", nargs="*", default=[], metavar="METHOD", help="the methods to run (required)")
+    sweep.add_argument("--seeds", nargs="*", default=[], metavar="SEED", help="default: the protocol's seeds")
+    sweep.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1); each gets cores // jobs "
+                                                            "CPU threads")
+    sweep.add_argument("--devices", help="GPU ids, e.g. 0,1: the job slots take them round-robin "
+                                         "(CUDA_VISIBLE_DEVICES); more jobs than GPUs share them")
+    sweep.add_argument("--out", required=True, help="the sweep folder: DIR/<method>/seed<S>/ per run, DIR/report/")
+    sweep.add_argument("--emit-slurm", metavar="FILE", help="write a SLURM job-array script instead of running "
+                                                            "(one array task per run, --jobs at a time)")
+    sweep.add_argument("--slurm-option", action="append", default=[], metavar="OPTION",
+                       help="with --emit-slurm: one more #SBATCH line, e.g. --slurm-option=--partition=gpu "
+                            "(repeatable)")
+    sweep.add_argument("--gpus-per-task", type=int, help="with --emit-slurm: #SBATCH --gpus-per-task=N")
+    sweep.add_argument("overrides", nargs="*", help="key=value: a general key goes to every method, a method's "
+                                                    "key to the swept methods that declare it")
+    sweep.set_defaults(func=_cmd_sweep)
+    pretrain = sub.add_parser("pretrain", help="pretrain a backbone without labels (SimSiam, MoCo-v2) for "
+                                               "`pretrained: RUN/backbone.pt`")
+    pretrain.add_argument("-c", "--config", action="append", default=[],
+                          help="a protocol name (its data and backbone keys) or a YAML file; repeatable")
+    pretrain.add_argument("--out", help="run directory (default: runs/pretrain_<ssl_method>_<data>_<time>)")
+    pretrain.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: auto)")
+    pretrain.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted pretraining exactly where it "
+                                                                "stopped")
+    pretrain.add_argument("overrides", nargs="*", help="key=value overrides (ssl_method=moco_v2, epochs=50, ...; "
+                                                       "see `dynammo list --keys`)")
+    pretrain.set_defaults(func=_cmd_pretrain)
     lst = sub.add_parser("list", help="show protocols, methods, datasets and backbones")
     lst.add_argument("--keys", action="store_true", help="list every config key with its type and default")
     lst.set_defaults(func=_cmd_list)
@@ -267,7 +318,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return args.func(args)
     except RunInterrupted as exc:
-        print(f"stopped: {exc}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank stops at the same batch: one line
+            print(f"stopped: {exc}", file=sys.stderr)
         return exc.exit_code
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -228,7 +228,14 @@ OPTIONS: Dict[str, Option] = {
     "sampling_method": Option("str", "herding", "exemplar selection",
                               choices=("herding", "random", "closest_to_mean", "reservoir")),
     "device": Option("str", "auto", "auto | cpu | cuda | cuda:N | mps"),
-    "amp": Option("bool", False, "mixed precision (bfloat16 on CPU, float16 on CUDA)"),
+    "amp": Option("auto_bool", "auto", "mixed precision: auto (bf16 autocast on a CPU with bf16 units, AVX512-BF16 "
+                                       "or AMX; on CUDA bf16 where the GPU has it, else fp16 with a GradScaler; "
+                                       "else fp32) | true (force it) | false (fp32); the run's log and results.json "
+                                       "`compute` say which path ran"),
+    "memory_format": Option("str", "auto", "layout of the images and activations: auto (channels_last under "
+                                           "autocast on a CPU with bf16 units or on CUDA, else contiguous) | "
+                                           "channels_last | contiguous (NCHW)",
+                            choices=("auto", "channels_last", "contiguous")),
     "num_workers": Option("int", 0, "data-loading workers for file-backed datasets", min=0,
                           max=256),
     "max_train_per_class": Option("int", None, "seeded subsample of each class's training images", min=1),

@@ -39,3 +39,16 @@ class Console:
         from tqdm import tqdm
 
         return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, mininterval=0.5)
+
+
+class MutedConsole(Console):
+    """The console of a distributed run's other ranks: rank 0 prints and writes log.txt."""
+
+    def __init__(self):
+        super().__init__(progress="false", quiet=True)
+
+    def attach(self, log_path: Path) -> None:
+        pass
+
+    def print(self, msg: str = "") -> None:
+        pass

@@ -13,12 +13,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from dynammo.compute import compute_path
 from dynammo.console import Console
 from dynammo.data.imageset import ImageSet
 from dynammo.data.loader import epoch_order, iterate_batches, num_batches
 from dynammo.data.transforms import BatchTransform
 from dynammo.errors import RunInterrupted, UserError, is_allocation_failure
-from dynammo.journal import FitJournal
+from dynammo.distributed import World
+from dynammo.journal import FitJournal, rng_state, set_rng_state
 
 
 def seed_everything(seed: int) -> None:
@@ -101,6 +103,54 @@ class Batch:
     y: torch.Tensor  # labels on the device
     raw: torch.Tensor  # the uint8 images (before augmentation), on the device
     index: torch.Tensor  # indices into the ImageSet being trained on
+    # the labels of the whole global batch when this process trains on a slice of it (a distributed
+    # run); a loss that depends on the batch as a whole (ACL's which-heads-count test) reads it
+    global_y: Optional[torch.Tensor] = None
+
+    @property
+    def batch_labels(self) -> torch.Tensor:
+        return self.y if self.global_y is None else self.global_y
+
+    def subset_mean(self, local_mean: torch.Tensor, local_count: int, global_count: int) -> torch.Tensor:
+        """A loss term that averages over a subset of the batch (UCIR's old-class samples), taken
+        on this slice: rescaled so that the engine's slice-size weighting of the gradients gives
+        the whole batch's mean (unchanged on one process)."""
+        if self.global_y is None or local_count == 0:
+            return local_mean
+        return local_mean * (local_count * len(self.global_y) / (global_count * len(self.y)))
+
+
+class EpochSums:
+    """The running loss and accuracy of an epoch, kept on the device (no host sync per batch)."""
+
+    def __init__(self, device: torch.device, saved: Optional[tuple] = None):
+        self.loss = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device, dtype=torch.long)
+        self.seen = self.counted = 0
+        if saved is not None:
+            self.loss += saved[0]
+            self.correct += saved[1]
+            self.seen, self.counted = saved[2], saved[3]
+
+    def add(self, loss: torch.Tensor, n: int, logits: Optional[torch.Tensor], target: Optional[torch.Tensor]) -> None:
+        self.loss += loss.detach() * n
+        self.seen += n
+        if logits is not None:
+            self.correct += (logits.detach().argmax(1) == target).sum()
+            self.counted += len(target)
+
+    def state(self) -> tuple:
+        return self.loss.cpu(), self.correct.cpu(), self.seen, self.counted
+
+    def totals(self, world: World) -> Tuple[float, Optional[float]]:
+        """(mean loss, accuracy % or None) over the epoch's global batches."""
+        t = torch.stack([self.loss.double().cpu(), self.correct.double().cpu(),
+                         torch.tensor(float(self.seen), dtype=torch.float64),
+                         torch.tensor(float(self.counted), dtype=torch.float64)])
+        if world.distributed:
+            t = world.sum_(t.to(world.device())).cpu()
+        loss, correct, seen, counted = t.tolist()
+        return loss / max(seen, 1), (100.0 * correct / counted if counted else None)
 
 
 # A step's loss: returns (loss, logits for the running accuracy or None, targets for it or None)
@@ -127,35 +177,60 @@ def _allocation_guard(batch_key: str):
 
 
 class Engine:
-    def __init__(self, cfg, console: Console, device: torch.device, seed: int):
+    """Trains and applies networks for a method. The runner attaches the run's TensorBoard writer
+    and fit journal (`attach_run`) and opens every task (`begin_task`); methods call `fit` per
+    stage and `apply` for inference."""
+
+    def __init__(self, cfg, console: Console, device: torch.device, seed: int, world: Optional[World] = None):
         self.cfg = cfg
         self.console = console
         self.device = device
+        self.world = world or World()
         self.generator = torch.Generator().manual_seed(seed)
         self.train_tf: Optional[BatchTransform] = None
         self.test_tf: Optional[BatchTransform] = None
-        self.tb = None  # a SummaryWriter, set by the runner
+        self.tb = None  # a SummaryWriter (attach_run)
+        self.journal: Optional[FitJournal] = None  # the task's fit journal, for exact resumption (attach_run)
         self.task_label = ""
         self.trained_params: Dict[int, int] = {}  # id -> numel of every parameter trained this task
         self.stages: List[dict] = []  # the fit stages of this task: stage, epochs, images
         self.last_optimizer_state: Optional[dict] = None
         self._tb_step: Dict[str, int] = {}
-        self.amp = bool(cfg.get("amp", False))
-        # resumption (set by the runner): the task's fit journal, a writer of partial checkpoints,
-        # and the flag a SIGINT/SIGTERM handler raises to stop at the next batch boundary
-        self.journal: Optional[FitJournal] = None
-        self.save_partial: Optional[Callable[[dict], None]] = None
+        self.compute = compute_path(cfg, device)  # autocast dtype and image layout (config amp, memory_format)
+        self.amp = self.compute.amp_dtype is not None
+        # raised by a SIGINT/SIGTERM handler: stop at the next batch boundary (after a partial checkpoint)
         self.stop_requested: Optional[str] = None
         self.checkpoint_every = int(cfg.get("checkpoint_every", 0) or 0)
+        # the network whose BatchNorm statistics a distributed fit averages over ranks (build_run)
+        self.network: Callable[[], Optional[nn.Module]] = lambda: None
 
     def set_transforms(self, train_tf: BatchTransform, test_tf: BatchTransform) -> None:
         self.train_tf, self.test_tf = train_tf, test_tf
 
+    def attach_run(self, tb=None, journal: Optional[FitJournal] = None) -> None:
+        self.tb, self.journal = tb, journal
+
+    def begin_task(self, label: str) -> None:
+        """A new task: its accounting starts empty; a distributed run aligns every rank's RNGs on
+        rank 0's (what a task builds, e.g. a new head, is drawn from them)."""
+        self.task_label, self.trained_params, self.stages = label, {}, []
+        if self.world.distributed:
+            set_rng_state(self.world.broadcast(rng_state(self.generator)), self.generator)
+        if self.journal is not None:
+            self.journal.start_task()
+
+    def end_task(self) -> "TaskLog":
+        if self.journal is not None:
+            self.journal.end_task()
+        return TaskLog(int(sum(self.trained_params.values())), sum(st["images"] for st in self.stages),
+                       list(self.stages))
+
+    def should_stop(self) -> bool:
+        """Whether to stop now; in a distributed run every rank answers alike."""
+        return self.world.any(bool(self.stop_requested))
+
     def autocast(self):
-        if not self.amp:
-            return torch.autocast(self.device.type, enabled=False)
-        dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return self.compute.autocast()
 
     @_allocation_guard("batch_size")
     def fit(self, params: Iterable[nn.Parameter], data: ImageSet, loss_fn: LossFn, settings: OptimSettings,
@@ -164,7 +239,9 @@ class Engine:
         """Train `params` on `data` for settings.epochs epochs of loss_fn. Returns the last epoch's stats.
 
         before_step runs between backward and the optimiser step (GEM's gradient projection);
-        after_step runs right after every optimiser step (WA's weight clipping)."""
+        after_step runs right after every optimiser step (WA's weight clipping). The journal (when
+        attached) is consulted at four points: a call that finished before an interruption is
+        restored, an interrupted one resumes, a stop saves a partial point, the end is recorded."""
         params = [p for p in params if p.requires_grad]
         if not params:
             raise ValueError(f"stage {stage}: nothing to train")
@@ -174,59 +251,32 @@ class Engine:
             self.trained_params[id(p)] = p.numel()
         # the training budget, as tables print it: epochs and images through the network per stage
         self.stages.append({"stage": stage, "epochs": settings.epochs, "images": settings.epochs * len(data)})
-        journal = self.journal
-        index = journal.index if journal else 0
-        if journal:
-            journal.index += 1
-            if index < len(journal.replay):  # finished before the interruption: restore its end state
-                entry = journal.replay[index]
-                journal.apply(entry["end"], params, self.generator)
-                journal.finished.append(entry)
-                self.last_optimizer_state = entry["optimizer"]
-                self.console.print(f"{self.task_label} {stage}: restored from the interrupted run")
-                return entry["stats"]
+        call = self.journal.fit_call(params, self.generator) if self.journal is not None else None
+        if call is not None and call.finished is not None:
+            self.last_optimizer_state = call.finished["optimizer"]
+            self.console.print(f"{self.task_label} {stage}: restored from the interrupted run")
+            return call.finished["stats"]
+        self.compute.prepare_module(self.network())  # channels-last weights: no reorder per convolution
         opt = settings.optimizer(params)
         sched = settings.schedule(opt)
-        scaler = torch.amp.GradScaler("cuda") if (self.amp and self.device.type == "cuda") else None
+        scaler = torch.amp.GradScaler("cuda") if self.compute.uses_grad_scaler else None
         tf = self.train_tf if augment else self.test_tf
         n_batches = num_batches(len(data), settings.batch_size)
-        stats: dict = {}
-        start_epoch, resume = 0, None
-        if journal and journal.resume_current is not None and journal.resume_current["index"] == index:
-            resume, journal.resume_current = journal.resume_current, None
-            journal.apply(resume["snap"], params, self.generator)
-            opt.load_state_dict(resume["optimizer"])
-            if sched is not None:
-                sched.load_state_dict(resume["scheduler"])
-            if scaler is not None and resume.get("scaler"):
-                scaler.load_state_dict(resume["scaler"])
-            start_epoch, stats = resume["epoch"], resume["stats"]
+        resume = call.resume(opt, sched, scaler) if call is not None else None
+        start_epoch, stats = (resume["epoch"], resume["stats"]) if resume else (0, {})
+        if resume:
             self.console.print(f"{self.task_label} {stage}: resuming at epoch {start_epoch + 1} batch {resume['batch'] + 1}")
 
         def save_point(epoch: int, batch: int, order, sums) -> None:
-            """A partial checkpoint: this fit at (epoch, batch), the finished fits of the task before it."""
-            if journal is None or self.save_partial is None:
-                return
-            current = {"index": index, "epoch": epoch, "batch": batch, "order": order, "sums": sums,
-                       "snap": journal.snapshot(params, self.generator), "optimizer": opt.state_dict(),
-                       "scheduler": sched.state_dict() if sched is not None else None,
-                       "scaler": scaler.state_dict() if scaler is not None else None, "stats": stats}
-            self.save_partial(journal.state(current))
+            if call is not None:
+                call.save(epoch, batch, order, sums, opt, sched, scaler, stats)
 
         for epoch in range(start_epoch, settings.epochs):
             t0 = time.perf_counter()
-            loss_sum = torch.zeros((), device=self.device)
-            correct = torch.zeros((), device=self.device, dtype=torch.long)
-            seen = 0
-            counted = 0
-            first = 0
             if resume is not None and resume["batch"] > 0:  # the interrupted epoch: same order, next batch
-                order, first = resume["order"], resume["batch"]
-                loss_sum += resume["sums"][0]
-                correct += resume["sums"][1]
-                seen, counted = resume["sums"][2], resume["sums"][3]
+                order, first, sums = resume["order"], resume["batch"], EpochSums(self.device, resume["sums"])
             else:
-                order = epoch_order(len(data), True, self.generator)
+                order, first, sums = epoch_order(len(data), True, self.generator), 0, EpochSums(self.device)
             resume = None
             bar = self.console.bar(n_batches, f"{self.task_label} {stage} epoch {epoch + 1}/{settings.epochs}")
             if bar is not None and first:
@@ -234,68 +284,95 @@ class Engine:
             batches = iterate_batches(data, settings.batch_size, order=order, start_batch=first,
                                       num_workers=self.cfg.num_workers)
             for i, (raw, y, idx) in enumerate(batches, start=first):
-                raw = raw.to(self.device, non_blocking=True)
-                y = y.to(self.device, non_blocking=True)
-                batch = Batch(tf(raw, self.generator), y, raw, idx)
-                with self.autocast():
-                    loss, logits, target = loss_fn(batch)
-                opt.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(opt)
-                else:
-                    loss.backward()
-                if before_step is not None:
-                    before_step()
-                if scaler is not None:
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    opt.step()
-                if after_step is not None:
-                    after_step()
-                loss_sum += loss.detach() * len(y)
-                seen += len(y)
-                if logits is not None:
-                    correct += (logits.detach().argmax(1) == target).sum()
-                    counted += len(target)
+                stop = self._train_step(self._batch(raw, y, idx, tf), len(y), params, loss_fn, opt, scaler,
+                                        before_step, after_step, sums)
                 if bar is not None:
                     bar.update(1)
                     if i % 10 == 0:
-                        bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}",
-                                        acc=f"{100 * correct.item() / max(counted, 1):.1f}")
-                if self.stop_requested and i + 1 < n_batches:
+                        loss, acc = sums.totals(World())
+                        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc or 0.0:.1f}")
+                if stop and i + 1 < n_batches:
                     if bar is not None:
                         bar.close()
-                    save_point(epoch, i + 1, order, (loss_sum.cpu(), correct.cpu(), seen, counted))
-                    raise RunInterrupted(f"{self.stop_requested} in {self.task_label} {stage} epoch {epoch + 1}")
+                    save_point(epoch, i + 1, order, sums.state())
+                    raise RunInterrupted(f"{self.stop_requested or 'a signal to another process'} in "
+                                         f"{self.task_label} {stage} epoch {epoch + 1}")
             if bar is not None:
                 bar.close()
             lr = opt.param_groups[0]["lr"]
             if sched is not None:
                 sched.step()
-            mean_loss = loss_sum.item() / max(seen, 1)
-            if not math.isfinite(mean_loss):
-                raise UserError(f"training diverged: loss is {mean_loss} in {self.task_label} {stage} epoch {epoch + 1}; "
-                                "lower lrate or use amp=false")
-            acc = 100.0 * correct.item() / counted if counted else None
-            stats = {"loss": mean_loss, "acc": acc, "lr": lr, "seconds": time.perf_counter() - t0}
-            acc_txt = f" acc {acc:.1f}%" if acc is not None else ""
-            self.console.print(f"{self.task_label} {stage} epoch {epoch + 1}/{settings.epochs} loss {mean_loss:.4f}"
-                               f"{acc_txt} lr {lr:.2g} ({stats['seconds']:.1f}s)")
-            self._tb_scalar(f"train/{stage}/loss", mean_loss)
-            if acc is not None:
-                self._tb_scalar(f"train/{stage}/acc", acc)
+            stats = self._end_epoch(sums, lr, stage, epoch, settings.epochs, time.perf_counter() - t0)
             more = epoch + 1 < settings.epochs
-            if more and (self.stop_requested or (self.checkpoint_every and (epoch + 1) % self.checkpoint_every == 0)):
+            stop = more and self.should_stop()
+            if stop or (more and self.checkpoint_every and (epoch + 1) % self.checkpoint_every == 0):
                 save_point(epoch + 1, 0, None, None)
-                if self.stop_requested:
-                    raise RunInterrupted(f"{self.stop_requested} in {self.task_label} {stage} after epoch {epoch + 1}")
+                if stop:
+                    raise RunInterrupted(f"{self.stop_requested or 'a signal to another process'} in "
+                                         f"{self.task_label} {stage} after epoch {epoch + 1}")
+        self._sync_buffers()
         self.last_optimizer_state = opt.state_dict()
-        if journal:
-            journal.finished.append({"end": journal.snapshot(params, self.generator), "stats": stats,
-                                     "optimizer": self.last_optimizer_state})
+        if call is not None:
+            call.finish(stats, self.last_optimizer_state)
         return stats
+
+    def _batch(self, raw: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, tf: BatchTransform) -> Batch:
+        """The global batch on the device, augmented with the shared generator (the same draws on
+        every rank and as in one process), then this rank's contiguous slice of it."""
+        raw = raw.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        x = tf(raw, self.generator)
+        if not self.world.distributed:
+            return Batch(x, y, raw, idx)
+        start, end = self.world.share(len(y))
+        return Batch(x[start:end], y[start:end], raw[start:end], idx[start:end], global_y=y)
+
+    def _train_step(self, batch: Batch, global_n: int, params, loss_fn: LossFn, opt, scaler, before_step,
+                    after_step, sums: EpochSums) -> bool:
+        """One optimiser step on the global batch; returns whether to stop after it."""
+        opt.zero_grad(set_to_none=True)
+        n = len(batch.y)
+        if n:  # a rank whose slice of a short last batch is empty only takes part in the reduction
+            with self.autocast():
+                loss, logits, target = loss_fn(batch)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+            else:
+                loss.backward()
+            sums.add(loss, n, logits, target)
+        stop = self.world.reduce_gradients(params, n / global_n, bool(self.stop_requested))
+        if scaler is not None:
+            scaler.unscale_(opt)
+        if before_step is not None:
+            before_step()
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        if after_step is not None:
+            after_step()
+        return stop
+
+    def _end_epoch(self, sums: EpochSums, lr: float, stage: str, epoch: int, epochs: int, seconds: float) -> dict:
+        mean_loss, acc = sums.totals(self.world)
+        if not math.isfinite(mean_loss):
+            raise UserError(f"training diverged: loss is {mean_loss} in {self.task_label} {stage} epoch {epoch + 1}; "
+                            "lower lrate or use amp=false")
+        stats = {"loss": mean_loss, "acc": acc, "lr": lr, "seconds": seconds}
+        acc_txt = f" acc {acc:.1f}%" if acc is not None else ""
+        self.console.print(f"{self.task_label} {stage} epoch {epoch + 1}/{epochs} loss {mean_loss:.4f}"
+                           f"{acc_txt} lr {lr:.2g} ({seconds:.1f}s)")
+        self._tb_scalar(f"train/{stage}/loss", mean_loss)
+        if acc is not None:
+            self._tb_scalar(f"train/{stage}/acc", acc)
+        return stats
+
+    def _sync_buffers(self) -> None:
+        """Distributed: the modules trained here hold per-rank BatchNorm statistics; average them."""
+        net = self.network() if self.world.distributed else None
+        if net is not None:
+            self.world.average_float_buffers(net)
 
     def _tb_scalar(self, tag: str, value: float) -> None:
         if self.tb is not None:
@@ -307,15 +384,41 @@ class Engine:
     @torch.no_grad()
     def apply(self, fn: Callable[[torch.Tensor], object], data: ImageSet, batch_size: Optional[int] = None):
         """Run fn on every (test-transformed) batch of data; returns the outputs concatenated
-        (a tensor, or a dict of tensors)."""
+        (a tensor, or a dict of tensors). A distributed run splits the batches into contiguous
+        shards, one per rank, and gathers them in order: every rank gets all outputs, each image once."""
+        batch_size = batch_size or self.cfg.eval_batch_size
+        start, end = self.world.share(num_batches(len(data), batch_size))
+        if self.world.distributed:  # this rank's whole batches: the same batches as one process
+            data = data.subset(torch.arange(min(start * batch_size, len(data)), min(end * batch_size, len(data))))
         outs = []
-        for raw, _, _ in iterate_batches(data, batch_size or self.cfg.eval_batch_size, shuffle=False,
-                                         num_workers=self.cfg.num_workers):
+        for raw, _, _ in iterate_batches(data, batch_size, shuffle=False, num_workers=self.cfg.num_workers):
             x = self.test_tf(raw.to(self.device, non_blocking=True))
             with self.autocast():
-                outs.append(fn(x))
+                outs.append(_to_cpu(fn(x)))
+        if self.world.distributed:
+            outs = [o for part in self.world.gather(outs) for o in part]
         if not outs:
             return None
         if isinstance(outs[0], dict):
-            return {k: torch.cat([o[k].float().cpu() for o in outs]) for k in outs[0]}
-        return torch.cat([o.float().cpu() for o in outs])
+            return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+        return torch.cat(outs)
+
+
+def _to_cpu(out):
+    """A batch's outputs as float CPU tensors (a tensor or a dict of tensors): float32, or float64
+    when computed in float64."""
+    if isinstance(out, dict):
+        return {k: _as_float(v).cpu() for k, v in out.items()}
+    return _as_float(out).cpu()
+
+
+def _as_float(t: torch.Tensor) -> torch.Tensor:
+    return t.double() if t.dtype == torch.float64 else t.float()
+
+
+@dataclass
+class TaskLog:
+    """What a task's training cost: parameters trained, images through the network, its stages."""
+    params_trainable: int
+    train_images: int
+    stages: List[dict]

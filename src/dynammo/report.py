@@ -94,6 +94,28 @@ class RunWriter:
             self.tb.close()
 
 
+class MutedWriter(RunWriter):
+    """The writer of a distributed run's other ranks: rank 0 writes the run directory."""
+
+    def __init__(self, run_dir: Path):
+        self.dir, self.rows, self.tb = Path(run_dir), [], None
+
+    def write_results(self, results: dict) -> None:
+        pass
+
+    def write_rows(self, rows: List[dict]) -> None:
+        self.rows = list(rows)
+
+    def save_checkpoint(self, task_id: int, state: dict) -> Path:
+        return self.dir / "checkpoints" / f"task_{task_id}.pt"
+
+    def save_partial(self, state: dict) -> None:
+        pass
+
+    def remove_partial(self) -> None:
+        pass
+
+
 def _save_fig(fig, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")

@@ -14,13 +14,13 @@ import numpy as np
 import torch
 
 from dynammo.config import Config
-from dynammo.console import Console
+from dynammo.assembly import build_run
+from dynammo.compute import compute_record
+from dynammo.console import Console, MutedConsole
 from dynammo.cost import count_params, gflops_per_image
-from dynammo.data import load_data
-from dynammo.data.scenario import Scenario
-from dynammo.data.transforms import make_transforms
 from dynammo.deploy import decision
-from dynammo.engine import Engine, resolve_device, seed_everything
+from dynammo.distributed import current_world, init_world, state_digest
+from dynammo.engine import Engine
 from dynammo.errors import RunInterrupted, UserError
 from dynammo.journal import FitJournal, rng_state, set_rng_state
 from dynammo.metrics import OPENSET_KEYS, ContinualMetrics, accuracy, task_il_predictions
@@ -28,9 +28,9 @@ from dynammo.methods import METHODS
 from dynammo.methods.base import check_eval_mode
 from dynammo.openset import expected_calibration_error, known_score, open_set_metrics
 from dynammo.protocols import protocol_record
-from dynammo.report import RunWriter, check_run_dir, format_table, make_plots, versions
+from dynammo.report import MutedWriter, RunWriter, check_run_dir, format_table, make_plots, versions
 from dynammo.io import write_json_atomic
-from dynammo.tracking import check_tracking, make_tracker, tensorboard_on
+from dynammo.tracking import Tracker, check_tracking, make_tracker, tensorboard_on
 
 
 def default_run_dir(cfg) -> Path:
@@ -44,7 +44,9 @@ def seeds_of(cfg) -> List[int]:
 
 def run_experiment(cfg: Config, out: Optional[Path], console: Console) -> List[dict]:
     """Run every seed; with several seeds each gets out/seed<N>/ and out/summary.json is written."""
-    out = Path(out) if out is not None else default_run_dir(cfg)
+    cfg, console = join_world(cfg, console)
+    world = current_world()
+    out = Path(world.broadcast(str(out) if out is not None else str(default_run_dir(cfg))))  # one name for all ranks
     seeds = seeds_of(cfg)
     if len(seeds) > 1 and (out / "summary.json").exists():
         raise UserError(f"run directory {out} already holds a run; choose another --out or remove it")
@@ -55,7 +57,8 @@ def run_experiment(cfg: Config, out: Optional[Path], console: Console) -> List[d
         results.append(run_single(run_cfg, out if len(seeds) == 1 else out / f"seed{seed}", console))
     if len(seeds) > 1:
         summary = summarize(results)
-        write_json_atomic(out / "summary.json", summary)
+        if world.main:
+            write_json_atomic(out / "summary.json", summary)
         m = summary["metric"]
         console.print(f"over {len(seeds)} seeds (mean ± sample std): avg {m} {summary[f'avg_{m}']['mean']:.2f} ± "
                       f"{summary[f'avg_{m}']['std']:.2f}, last {m} {summary[f'last_{m}']['mean']:.2f} ± "
@@ -99,16 +102,26 @@ def summarize(results: List[dict]) -> dict:
 def prepare(cfg: Config, console: Console):
     """Everything that can fail on bad input, before anything is written: data, scenario, engine,
     method. Returns (data, scenario, engine, method)."""
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    method_cls = METHODS.get(cfg.method)
-    data = load_data(cfg, cfg.seed)
-    scenario = Scenario.from_config(data, cfg, cfg.seed)
-    method_cls.check_config(cfg, data.num_classes)
-    engine = Engine(cfg, console, device, cfg.seed)
-    engine.set_transforms(*make_transforms(data, cfg.augment))
-    method = method_cls(cfg, engine, scenario)  # builds the backbone: checks names and pretrained weights
-    return data, scenario, engine, method
+    return tuple(build_run(cfg, console))
+
+
+def join_world(cfg: Config, console: Console):
+    """Under torchrun: join the process group, put this rank on its device, and let only rank 0
+    print. A method that cannot train distributed is refused here, before anything is written."""
+    world, device = init_world(cfg.device)
+    if not world.distributed:
+        return cfg, console
+    METHODS.get(cfg.method).check_distributed(cfg)
+    cfg = cfg.copy()
+    cfg["device"] = device
+    return cfg, (console if world.main else MutedConsole())
+
+
+def writers(cfg, run_dir: Path, console: Console, resume: bool = False):
+    """(RunWriter, tracker): rank 0's write the run directory; the other ranks' write nothing."""
+    if not current_world().main:
+        return MutedWriter(run_dir), Tracker()
+    return RunWriter(run_dir, cfg, tensorboard=tensorboard_on(cfg), resume=resume), make_tracker(cfg, run_dir, console)
 
 
 def run_single(cfg: Config, run_dir: Path, console: Console) -> dict:
@@ -116,10 +129,10 @@ def run_single(cfg: Config, run_dir: Path, console: Console) -> dict:
     check_run_dir(run_dir)
     check_tracking(cfg)
     data, scenario, engine, method = prepare(cfg, console)
+    engine.world.barrier()  # every rank has checked the directory before rank 0 creates it
     progress = Progress.fresh(cfg, data, scenario)
-    tracker = make_tracker(cfg, run_dir, console)
+    writer, tracker = writers(cfg, run_dir, console)
     tracker.start(progress.results)  # before anything is written: an unreachable store stops here
-    writer = RunWriter(run_dir, cfg, tensorboard=tensorboard_on(cfg))
     return _run(cfg, data, scenario, engine, method, writer, console, progress, tracker)
 
 
@@ -132,6 +145,7 @@ def resume_run(run_dir, console: Console, device: Optional[str] = None) -> dict:
     cfg = read_run_config(run_dir)
     if device:
         cfg["device"] = device
+    cfg, console = join_world(cfg, console)
     check_tracking(cfg)
     results_file = run_dir / "results.json"
     if results_file.is_file() and json.loads(results_file.read_text()).get("status") == "complete":
@@ -147,7 +161,8 @@ def resume_run(run_dir, console: Console, device: Optional[str] = None) -> dict:
         # what the run's config says, also for a checkpoint written before open-set metrics existed
         progress.metrics.openset_score = METHODS.get(cfg.method).known_score_name if cfg.eval_openset else None
         set_rng_state(ckpt["rng"], engine.generator)
-    for stale in (run_dir / "checkpoints").glob(".*.tmp"):  # a write cut short by a kill
+    engine.world.barrier()  # every rank has read the checkpoints before rank 0 cleans up
+    for stale in (run_dir / "checkpoints").glob(".*.tmp") if engine.world.main else ():  # a write cut short by a kill
         stale.unlink()
     partial_file = run_dir / "checkpoints" / PARTIAL
     partial = None
@@ -159,9 +174,8 @@ def resume_run(run_dir, console: Console, device: Optional[str] = None) -> dict:
     if progress.next_task >= len(scenario) and partial is None:
         raise UserError(f"every task of {run_dir} has a checkpoint; the run only missed its final write: "
                         f"evaluate it with `dynammo eval {run_dir}`")
-    tracker = make_tracker(cfg, run_dir, console)
+    writer, tracker = writers(cfg, run_dir, console, resume=True)
     tracker.start(progress.results)  # an MLflow run continues the run's own (results.json `tracking`)
-    writer = RunWriter(run_dir, cfg, tensorboard=tensorboard_on(cfg), resume=True)
     writer.rows = list(progress.rows)
     where = f"task {progress.next_task + 1}" + (" (mid-task)" if partial else "")
     console.attach(run_dir / "log.txt")
@@ -199,6 +213,7 @@ class Progress:
             "dataset": "+".join(data.names), "data_split": data.split_text(),
             "class_counts": {"train": [c[1] for c in counts], "test": [c[2] for c in counts]},
             "backbone": cfg.backbone, "seed": cfg.seed,
+            "compute": compute_record(cfg),  # autocast dtype and image layout (compute.py)
             "class_order": scenario.class_order, "tasks": scenario.classes_of_tasks(),
             "class_names": scenario.class_names, "cost": [], "versions": versions(), "status": "running",
         }
@@ -219,15 +234,23 @@ class Progress:
 
 @contextmanager
 def stop_on_signals(engine: Engine, console: Console):
-    """SIGINT/SIGTERM ask the engine to save and stop at the next batch; a second one stops at once."""
+    """SIGINT/SIGTERM ask the engine to save and stop at the next batch; a second one (a second or
+    more later) stops at once."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
+    first = [0.0]
+
     def handler(signum, frame):
         name = signal.Signals(signum).name
-        if engine.stop_requested:
+        # within a second it is the same request: torchrun forwards the SIGTERM that SLURM or a
+        # `kill` of the process group also sent to every worker directly
+        if engine.stop_requested and time.monotonic() - first[0] > 1.0:
             raise KeyboardInterrupt
+        if engine.stop_requested:
+            return
+        first[0] = time.monotonic()
         engine.stop_requested = name
         console.print(f"{name}: saving a checkpoint at the next batch, then stopping (send it again to stop at once)")
 
@@ -250,12 +273,12 @@ def mark_stopped(writer, status: str, reason: str) -> None:
 
 
 def _run(cfg, data, scenario, engine, method, writer, console, progress, tracker, partial=None) -> dict:
-    engine.tb = writer.tb
     console.attach(writer.dir / "log.txt")
     tracker.attach(writer)
     status = "failed"
+    progress.results["world_size"] = engine.world.size
+    journal = None
     if cfg.save_checkpoints:
-        engine.journal = FitJournal(method.capture_training_state, method.restore_training_state)
         ds_name = "+".join(data.names)
 
         def save_partial(journal_state: dict) -> None:
@@ -263,9 +286,10 @@ def _run(cfg, data, scenario, engine, method, writer, console, progress, tracker
                                  "class_order": scenario.class_order, "task": progress.next_task,
                                  "journal": journal_state, "config": dict(cfg)})
 
-        engine.save_partial = save_partial
+        journal = FitJournal(method.capture_training_state, method.restore_training_state, save_partial, engine.world)
         if partial is not None:
-            engine.journal.load(partial["journal"])
+            journal.load(partial["journal"])
+    engine.attach_run(writer.tb, journal)
     try:
         with stop_on_signals(engine, console):
             results = _train_all_tasks(cfg, method, engine, data, scenario, writer, console, progress, tracker)
@@ -286,6 +310,16 @@ def _run(cfg, data, scenario, engine, method, writer, console, progress, tracker
         tracker.finish(progress.results, status)
         writer.close()
         console.detach()
+
+
+def check_ranks_agree(method, engine, results: dict, console: Console) -> None:
+    """A distributed run's ranks must hold bitwise the same model, memory and RNGs after every task:
+    results.json `rank_digests` keeps every rank's digest per task, and a difference is said."""
+    digests = engine.world.gather(state_digest({"state": method.state_dict(), "rng": rng_state(engine.generator)}))
+    results.setdefault("rank_digests", []).append(digests)
+    if len(set(digests)) > 1:
+        console.print(f"warning: the {len(digests)} processes hold different states after {engine.task_label}; "
+                      "please report this with the run's config.yaml")
 
 
 def openset_row(metrics: ContinualMetrics) -> dict:
@@ -377,21 +411,18 @@ def _train_all_tasks(cfg, method, engine, data, scenario, writer, console, progr
     console.print(f"{cfg.method} on {ds_name}: {data.num_classes} classes, {len(scenario)} tasks "
                   f"{[t.size for t in scenario.tasks]}, {len(scenario.train)} train / {len(scenario.test)} test images, "
                   f"backbone {cfg.backbone}, device {engine.device}, seed {cfg.seed}")
+    console.print(f"compute: {engine.compute.describe()}")
     console.print(f"split: {data.split_text()}")
     console.print(data.describe_classes())
     example = engine.test_tf(scenario.test.get(torch.tensor([0])).to(engine.device))
     for task in scenario.tasks[progress.next_task:]:
-        engine.task_label = f"task {task.id + 1}/{len(scenario)}"
-        engine.trained_params, engine.stages = {}, []
-        if engine.journal is not None:
-            engine.journal.start_task()
+        engine.begin_task(f"task {task.id + 1}/{len(scenario)}")
         t0 = time.perf_counter()
         method.begin_task(task)
         method.train_task(task)
         method.end_task(task)
         train_seconds = time.perf_counter() - t0
-        if engine.journal is not None:
-            engine.journal.end_task()
+        log = engine.end_task()
 
         task_id_acc = evaluate(cfg, method, engine, scenario, task, metrics)
         if task_id_acc is not None:
@@ -400,13 +431,15 @@ def _train_all_tasks(cfg, method, engine, data, scenario, writer, console, progr
         n_ex, n_bytes = method.memory_stats()
         cost = {
             "params_total": count_params([method.net]),
-            "params_trainable": int(sum(engine.trained_params.values())),
+            "params_trainable": log.params_trainable,
             "inference_gflops": gflops_per_image(method.predict, example),
             "memory_exemplars": n_ex, "memory_bytes": n_bytes, "train_seconds": round(train_seconds, 3),
-            "train_images": sum(st["images"] for st in engine.stages),
+            "train_images": log.train_images,
         }
         results["cost"].append(cost)
-        results.setdefault("budget", []).append(list(engine.stages))
+        if engine.world.distributed:
+            check_ranks_agree(method, engine, results, console)
+        results.setdefault("budget", []).append(log.stages)
         results.update(metrics.summary())
         progress.rows.append({"task": task.id + 1, "classes": task.end, "acc": metrics.acc[-1], "mcr": metrics.mcr[-1],
                               "task_il_acc": metrics.task_il_acc[-1] if metrics.task_il_acc else None,
@@ -423,6 +456,7 @@ def _train_all_tasks(cfg, method, engine, data, scenario, writer, console, progr
         writer.write_results(results)
         writer.write_rows(progress.rows)
         tracker.log_task(results, task.id)
+        engine.world.barrier()  # the task's files are complete before any rank goes on
         til_txt = f", task-IL {metrics.task_il_acc[-1]:.2f}" if metrics.task_il_acc else ""
         if "task_id_acc" in results:
             til_txt += f", task-id {results['task_id_acc'][-1]:.2f}"
@@ -432,14 +466,14 @@ def _train_all_tasks(cfg, method, engine, data, scenario, writer, console, progr
         console.print(f"{engine.task_label} done: accuracy on {task.end} seen classes {metrics.acc[-1]:.2f} "
                       f"(mcr {metrics.mcr[-1]:.2f}{til_txt}), {cost['inference_gflops']:.3f} GFLOPs/image, "
                       f"{n_ex} exemplars, {train_seconds:.1f}s")
-        if engine.stop_requested and task.id + 1 < len(scenario):
-            raise RunInterrupted(f"{engine.stop_requested} after {engine.task_label}")
+        if task.id + 1 < len(scenario) and engine.should_stop():
+            raise RunInterrupted(f"{engine.stop_requested or 'a signal to another process'} after {engine.task_label}")
 
     results["status"] = "complete"
     confusion = metrics.last_confusion
     results["confusion"] = confusion.tolist() if confusion is not None else None
     writer.write_results(results)
-    if cfg.plots:
+    if cfg.plots and engine.world.main:
         make_plots(results, confusion, writer.dir / "plots", scenario.class_names)
     console.print(format_table(results))
     console.print(f"run directory: {writer.dir}")

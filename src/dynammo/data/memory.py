@@ -19,9 +19,14 @@ from dynammo.errors import UserError
 FeatureFn = Callable[[ImageSet], torch.Tensor]
 
 
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """float32 for half-precision (autocast) tensors; float32 and float64 stay as they are."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def herding(features: torch.Tensor, m: int) -> torch.Tensor:
     """Indices, in selection order, whose running mean best approximates the class mean."""
-    f = F.normalize(features.float(), dim=1)
+    f = F.normalize(at_least_float32(features), dim=1)
     mu = f.mean(0)
     chosen: List[int] = []
     running = torch.zeros_like(mu)
@@ -37,7 +42,7 @@ def herding(features: torch.Tensor, m: int) -> torch.Tensor:
 
 
 def closest_to_mean(features: torch.Tensor, m: int) -> torch.Tensor:
-    f = F.normalize(features.float(), dim=1)
+    f = F.normalize(at_least_float32(features), dim=1)
     dist = ((f - f.mean(0)) ** 2).sum(1)
     return torch.argsort(dist, stable=True)[:m]
 

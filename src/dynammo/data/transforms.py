@@ -6,7 +6,7 @@ per-image PIL pipelines of other frameworks are on 2 CPU cores.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -15,16 +15,26 @@ class BatchTransform:
     """uint8 (B, C, H, W) -> normalised float (B, 3, H, W); random crop + flip when training.
 
     Grayscale images are repeated to 3 channels so one backbone (and ImageNet weights) fits all.
+    channels_last: the output is in NHWC layout (the engine's compute path, compute.py, sets it);
+    a convolution on a channels-last input runs channels-last kernels and passes the layout on.
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], train: bool = False, crop_padding: int = 0,
-                 flip: bool = False, out_channels: int = 3):
+                 flip: bool = False, out_channels: int = 3, channels_last: bool = False):
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.train = train
         self.pad = crop_padding if train else 0
         self.flip = flip and train
         self.out_channels = out_channels
+        self.channels_last = channels_last
+        self._on_device: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def stats_on(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) on `device`, copied there once: a copy per batch is a host sync on a GPU."""
+        if device not in self._on_device:
+            self._on_device[device] = (self.mean.to(device), self.std.to(device))
+        return self._on_device[device]
 
     def __call__(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         if self.pad:
@@ -32,10 +42,12 @@ class BatchTransform:
         if self.flip:
             flip = torch.rand(x.shape[0], device="cpu", generator=generator).to(x.device) < 0.5
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-        mean, std = self.mean.to(x.device), self.std.to(x.device)
-        x = (x.float().div_(255.0) - mean).div_(std)
+        mean, std = self.stats_on(x.device)
+        x = (x.to(torch.get_default_dtype()).div_(255.0) - mean).div_(std)  # float32 unless a test asks for float64
         if x.shape[1] == 1 and self.out_channels == 3:
             x = x.expand(-1, 3, -1, -1)
+        if self.channels_last:  # one copy, which the expanded grayscale batch needs anyway
+            x = x.contiguous(memory_format=torch.channels_last)
         return x
 
 
@@ -59,10 +71,10 @@ def random_crop(x: torch.Tensor, pad: int, generator: Optional[torch.Generator] 
     return padded[bi, ci, rows.view(b, 1, h, 1), cols.view(b, 1, 1, w)]
 
 
-def make_transforms(data, augment: bool):
+def make_transforms(data, augment: bool, channels_last: bool = False):
     """(train, test) transforms for a LoadedData: crop padding is 1/8 of the image side."""
     side = data.train.size or 32
     train = BatchTransform(data.mean, data.std, train=augment, crop_padding=max(1, side // 8) if augment else 0,
-                           flip=data.flip and augment)
-    test = BatchTransform(data.mean, data.std, train=False)
+                           flip=data.flip and augment, channels_last=channels_last)
+    test = BatchTransform(data.mean, data.std, train=False, channels_last=channels_last)
     return train, test

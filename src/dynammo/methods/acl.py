@@ -37,7 +37,8 @@ from dynammo.engine import Batch, OptimSettings
 from dynammo.errors import UserError
 from dynammo.methods import METHODS
 from dynammo.methods.base import Method
-from dynammo.methods.frozen import BACKBONE_EPOCHS, FrozenBackboneNet, no_weights_deviation, train_backbone_then_freeze
+from dynammo.methods.frozen import (BACKBONE_EPOCHS, FrozenBackboneNet, check_backbone_can_train,
+                                    no_weights_deviation, train_backbone_then_freeze)
 from dynammo.models.adapters import AdapterSet, stage_channels
 from dynammo.models.backbones import backbone_kwargs, build_backbone
 from dynammo.models.heads import min_others
@@ -51,12 +52,15 @@ def others_labels(y: torch.Tensor, start: int, end: int) -> torch.Tensor:
     return torch.where(inside, y - start, torch.full_like(y, end - start))
 
 
-def heads_loss(logits: List[torch.Tensor], y: torch.Tensor, bounds: List[tuple]) -> torch.Tensor:
+def heads_loss(logits: List[torch.Tensor], y: torch.Tensor, bounds: List[tuple],
+               batch_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Stage 3's loss: sum over heads of CE(head_i, local label or "others"); head i's term counts
-    only when the batch holds a sample of task i (classes bounds[i][0] .. bounds[i][1] - 1)."""
+    only when the batch holds a sample of task i (classes bounds[i][0] .. bounds[i][1] - 1).
+    batch_labels: the whole batch's labels, when y is one process's slice of it."""
+    present = y if batch_labels is None else batch_labels
     total = logits[0].new_zeros(())
     for z, (start, end) in zip(logits, bounds):
-        if ((y >= start) & (y < end)).any():
+        if ((present >= start) & (present < end)).any():
             total = total + F.cross_entropy(z, others_labels(y, start, end))
     return total
 
@@ -141,6 +145,7 @@ class ACL(Method):
     @classmethod
     def check_config(cls, cfg, num_classes: int) -> None:
         super().check_config(cfg, num_classes)
+        check_backbone_can_train(cfg, num_classes)
         with torch.random.fork_rng(devices=[]):  # a throw-away backbone: leave the seeded RNG as it was
             backbone = build_backbone(cfg.backbone, **backbone_kwargs(cfg))
         channels = stage_channels(backbone, cfg.layer_names)
@@ -174,8 +179,6 @@ class ACL(Method):
         return net
 
     def begin_task(self, task: Task) -> None:
-        self.known, self.total = task.start, task.end
-        self.tasks_done = task.id + 1
         self.net.to(self.device)
 
     # ---- training ----
@@ -237,7 +240,7 @@ class ACL(Method):
             with torch.no_grad():
                 feats = self.net.head_features(batch.x)
             logits = [head(z) for head, z in zip(heads, feats)]
-            return heads_loss(logits, batch.y, bounds), min_others(logits)["logits"], batch.y
+            return heads_loss(logits, batch.y, bounds, batch.batch_labels), min_others(logits)["logits"], batch.y
 
         self.engine.fit(heads.parameters(), data, loss, OptimSettings.from_config(self.cfg, "_finetune"), stage="heads")
 

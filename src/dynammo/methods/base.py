@@ -21,6 +21,7 @@ Device, AMP, progress bars, metrics, checkpoints and cost accounting come from t
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Dict, List, Optional
 
 import torch
@@ -35,6 +36,18 @@ from dynammo.engine import Batch, Engine, OptimSettings
 from dynammo.errors import UserError
 from dynammo.models.backbones import backbone_has_stages, backbone_kwargs, build_backbone
 from dynammo.models.network import IncrementalNet
+
+
+def _counting_tasks(begin_task):
+    """The framework keeps a method's task counters: they are set before any `begin_task` runs
+    (the runner's, `grow`'s, a test's), so overrides only build structure."""
+    @functools.wraps(begin_task)
+    def begin(self, task: Task) -> None:
+        self.known, self.total = task.start, task.end
+        self.tasks_done = task.id + 1
+        begin_task(self, task)
+    begin.counts_tasks = True
+    return begin
 
 
 class Method:
@@ -56,6 +69,12 @@ class Method:
         self.total = 0  # classes learned including the current task
         self.tasks_done = 0  # tasks whose structure exists (grown or trained)
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("begin_task")
+        if own is not None and not getattr(own, "counts_tasks", False):
+            cls.begin_task = _counting_tasks(own)
+
     # ---- configuration checks, before anything is written ----
     @classmethod
     def backbone_needs(cls, cfg) -> tuple:
@@ -76,6 +95,20 @@ class Method:
             if not cfg.memory_per_class and cfg.memory_size <= 0:
                 raise UserError(f"method '{cfg.method}' needs an exemplar memory; set memory_size=N (e.g. 2000) or memory_per_class=N")
             ExemplarMemory.from_config(cfg).check_budget(num_classes)
+
+    # ---- several processes (torchrun; see distributed.py) ----
+    @classmethod
+    def distributed_problem(cls, cfg) -> Optional[str]:
+        """Why the method, as configured, would not train exactly on several processes (a loss
+        that depends on the whole batch, ...), or None."""
+        return None
+
+    @classmethod
+    def check_distributed(cls, cfg) -> None:
+        problem = cls.distributed_problem(cfg)
+        if problem:
+            raise UserError(f"method '{cfg.method}' cannot train on several processes: {problem}; "
+                            "run it as one process (without torchrun)")
 
     # ---- what the run departs from the paper in (results.json `deviations`, every table) ----
     @classmethod
@@ -113,9 +146,9 @@ class Method:
         self.net.eval()
 
     # ---- lifecycle ----
+    @_counting_tasks
     def begin_task(self, task: Task) -> None:
-        self.known, self.total = task.start, task.end
-        self.tasks_done = task.id + 1
+        """Grow the structure for `task` (the counters known/total/tasks_done are already set)."""
         self.net.head.expand(task.size)
         self.net.to(self.device)
 

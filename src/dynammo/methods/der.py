@@ -122,8 +122,6 @@ class DER(Method):
 
     # ---- structure ----
     def begin_task(self, task: Task) -> None:
-        self.known, self.total = task.start, task.end
-        self.tasks_done = task.id + 1
         if task.id > 0:
             self.net.add_extractor()
         self.net.expand_classifier(task.size)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from dynammo.config import Option
 from dynammo.data.memory import ReservoirBuffer
-from dynammo.engine import Batch
+from dynammo.engine import Batch, OptimSettings
 from dynammo.errors import UserError
 from dynammo.methods import METHODS
 from dynammo.methods.base import Method
@@ -73,6 +73,7 @@ class DERpp(Method):
     def __init__(self, cfg, engine, scenario):
         super().__init__(cfg, engine, scenario)
         self.memory = ReservoirBuffer(cfg.memory_size)
+        self.pending = None  # this rank's slice of the batch, until the step's gathering
 
     @property
     def buffer(self) -> ReservoirBuffer:
@@ -81,8 +82,6 @@ class DERpp(Method):
     def begin_task(self, task) -> None:
         if not self.cfg.full_head:
             return super().begin_task(task)
-        self.known, self.total = task.start, task.end
-        self.tasks_done = task.id + 1
         if task.id == 0:
             self.net.head.expand(self.scenario.tasks[-1].end)
         self.net.to(self.device)
@@ -113,10 +112,32 @@ class DERpp(Method):
                 loss = loss + self.cfg.alpha * self.logit_replay_loss()
             if self.cfg.beta > 0:
                 loss = loss + self.cfg.beta * self.label_replay_loss()
-        stored = logits.detach().float()
-        self.buffer.add(batch.raw, batch.y, generator=self.engine.generator, logits=stored,
-                        logit_cols=torch.full((len(stored),), stored.shape[1], dtype=torch.long))
+        self.store(batch.raw, batch.y, logits.detach().float())
         return loss, logits[:, : self.total], batch.y
+
+    def store(self, raw: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> None:
+        """The batch into the reservoir. On several processes every rank holds one slice: the slices
+        are gathered after the step (`store_gathered`) so every rank adds the same global batch."""
+        if self.engine.world.distributed:
+            self.pending = (raw.cpu(), y.cpu(), logits.cpu())
+            return
+        self.buffer.add(raw, y, generator=self.engine.generator, logits=logits,
+                        logit_cols=torch.full((len(logits),), logits.shape[1], dtype=torch.long))
+
+    def store_gathered(self) -> None:
+        """after_step on several processes: every rank's slice, in rank order, into every rank's buffer."""
+        parts = [p for p in self.engine.world.gather(self.pending) if p is not None]
+        self.pending = None
+        if parts:
+            raw, y, logits = (torch.cat(col) for col in zip(*parts))
+            self.buffer.add(raw, y, generator=self.engine.generator, logits=logits,
+                            logit_cols=torch.full((len(logits),), logits.shape[1], dtype=torch.long))
+
+    def train_task(self, task) -> None:
+        self.train_mode()
+        settings = OptimSettings.from_config(self.cfg, first_task=task.id == 0)
+        self.engine.fit(self.net.parameters(), self.training_set(task), self.step, settings,
+                        after_step=self.store_gathered if self.engine.world.distributed else None)
 
     def memory_budget(self, n_seen: int) -> int:
         return self.buffer.capacity  # full once the stream has offered that many samples

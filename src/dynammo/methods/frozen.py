@@ -12,8 +12,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dynammo.config import Option
-from dynammo.data.scenario import Task
+from dynammo.data.scenario import Task, task_sizes
 from dynammo.engine import Batch, OptimSettings
+from dynammo.errors import UserError
 
 BACKBONE_EPOCHS = Option("int", None, "pretrained=false only: epochs of plain training of the backbone on "
                                       "task 0 before it is frozen (default: epochs; 0 keeps it random)", min=0)
@@ -49,9 +50,27 @@ def no_weights_deviation(cfg, paper_backbone: str) -> str:
             f"weights (the paper freezes {paper_backbone})")
 
 
+ONE_CLASS_FIRST_TASK = ("a one-class first task cannot train a backbone (pretrained=false trains it with "
+                        "cross-entropy on task 1's classes, and with one class the loss is 0 from the first batch); "
+                        "use `dynammo pretrain` (self-supervised, no labels) and pretrained=RUN/backbone.pt, or "
+                        "pretrained: PATH (or backbone_epochs=0 to keep a random frozen backbone)")
+
+
+def check_backbone_can_train(cfg, num_classes: int) -> None:
+    """Refuse, before anything is written, the task-1 backbone training of a run without weights
+    when task 1 has a single class. A dataset-per-task stream's first task size is only known once
+    its datasets are loaded; train_backbone_then_freeze refuses it there."""
+    if cfg.pretrained or backbone_epochs(cfg) == 0 or isinstance(cfg.dataset, list):
+        return
+    if task_sizes(num_classes, cfg.init_cls, cfg.increment)[0] == 1:
+        raise UserError(ONE_CLASS_FIRST_TASK)
+
+
 def train_backbone_then_freeze(method, task: Task) -> None:
     """pretrained=false: plain training of backbone + a linear head on `task`, then freeze."""
     net, epochs = method.net, backbone_epochs(method.cfg)
+    if epochs > 0 and task.size == 1:
+        raise UserError(ONE_CLASS_FIRST_TASK)
     if epochs > 0:
         method.engine.console.print(f"pretrained=false: training the backbone on task {task.id + 1}'s data for "
                                     f"{epochs} epochs, then freezing it (set pretrained=PATH for the paper's protocol)")

@@ -253,7 +253,8 @@ class GEM(Method):
         if self.weight_decay:
             g = g + self.weight_decay * flat([p.detach() for p in params], params)
         if self.cfg.gem_memory_forward == "joint":
-            old = self.old_gradients
+            # each process took them from its own slice's mixed BatchNorm pass: one value for all
+            old = self.engine.world.mean_(self.old_gradients.clone())
         else:
             old = torch.stack([self.memory_gradient(params, raw, y, t) for raw, y, t in self.old_memories])
         if bool(((old @ g) < 0).any()):

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from dynammo.config import Option
-from dynammo.data.memory import ExemplarMemory
+from dynammo.data.memory import ExemplarMemory, at_least_float32
 from dynammo.data.scenario import Task
 from dynammo.engine import Batch
 from dynammo.methods import METHODS
@@ -38,8 +38,8 @@ def nme_scores(features: torch.Tensor, class_means: torch.Tensor) -> torch.Tenso
 
     The squared distance is expanded as |f|^2 - 2 f.mu + |mu|^2 (one matmul; unlike torch.cdist it
     has no batch-size-dependent code path, so `dynammo export` can trace it for any batch)."""
-    f = F.normalize(features.float(), dim=1)
-    mu = class_means.to(f.device, torch.float32)
+    f = F.normalize(at_least_float32(features), dim=1)
+    mu = class_means.to(f.device, f.dtype)
     return -(f.pow(2).sum(1, keepdim=True) - 2 * f @ mu.t() + mu.pow(2).sum(1).unsqueeze(0))
 
 
@@ -53,10 +53,10 @@ def class_means_of(memory: ExemplarMemory, features_fn, n_classes: int, flip_fn=
     features (averaged with those of the flipped exemplars when flip_fn is given)."""
     means: Dict[int, torch.Tensor] = {}
     for c, exemplars in memory.per_class.items():
-        f = F.normalize(features_fn(exemplars).float(), dim=1)
+        f = F.normalize(at_least_float32(features_fn(exemplars)), dim=1)
         mean = f.mean(0)
         if flip_fn is not None:
-            mean = (mean + F.normalize(flip_fn(exemplars).float(), dim=1).mean(0)) / 2
+            mean = (mean + F.normalize(at_least_float32(flip_fn(exemplars)), dim=1).mean(0)) / 2
         means[c] = F.normalize(mean, dim=0)
     missing = [c for c in range(n_classes) if c not in means]
     if missing:
@@ -98,10 +98,11 @@ class ICaRL(DistillMethod):
         if self.cfg.distill_loss == "kd":
             return super().step(batch)
         logits = self.net(batch.x)
-        targets = F.one_hot(batch.y, logits.shape[1]).float()
+        wide = at_least_float32(logits)  # the loss in float32 under autocast
+        targets = F.one_hot(batch.y, logits.shape[1]).to(wide.dtype)
         if self.old_net is not None:
-            targets[:, : self.known] = torch.sigmoid(self.old_logits(batch.x).float())
-        return F.binary_cross_entropy_with_logits(logits.float(), targets), logits, batch.y
+            targets[:, : self.known] = torch.sigmoid(self.old_logits(batch.x).to(wide.dtype))
+        return F.binary_cross_entropy_with_logits(wide, targets), logits, batch.y
 
     def end_task(self, task: Task) -> None:
         super().end_task(task)  # memory update (herding), then the class means from the new memory

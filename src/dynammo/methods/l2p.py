@@ -163,6 +163,12 @@ class L2P(PromptMethod):
                             f"so prompt_length must be even (got {cfg.prompt_length}; L2P++ uses 20)")
 
     @classmethod
+    def distributed_problem(cls, cfg):
+        if cfg.batchwise_prompt:
+            return "batchwise_prompt=true picks the prompts from the votes of the whole batch; set batchwise_prompt=false"
+        return None
+
+    @classmethod
     def deviations(cls, cfg) -> List[str]:
         out = super().deviations(cfg)
         if cfg.l2p_variant == "prefix":

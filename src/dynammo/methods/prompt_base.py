@@ -28,8 +28,8 @@ from dynammo.data.scenario import Task
 from dynammo.engine import Batch, OptimSettings
 from dynammo.errors import UserError
 from dynammo.methods.base import Method
-from dynammo.methods.frozen import (BACKBONE_EPOCHS, FrozenBackboneNet, no_weights_deviation,
-                                    train_backbone_then_freeze)
+from dynammo.methods.frozen import (BACKBONE_EPOCHS, FrozenBackboneNet, check_backbone_can_train,
+                                    no_weights_deviation, train_backbone_then_freeze)
 from dynammo.models.backbones import backbone_kwargs, build_backbone
 from dynammo.models.vit import is_vit
 from dynammo.models.heads import IncrementalLinear
@@ -71,6 +71,7 @@ class PromptMethod(Method):
     @classmethod
     def check_config(cls, cfg, num_classes: int) -> None:
         super().check_config(cfg, num_classes)
+        check_backbone_can_train(cfg, num_classes)
         if not is_vit(cfg.backbone):
             raise UserError(f"method '{cfg.method}' prompts a Vision Transformer, but backbone={cfg.backbone} is not "
                             "one; use backbone=vit_base_patch16_224 (the paper's), vit_small_patch16_224, "

@@ -84,8 +84,6 @@ class CosineRehearsal(Method):
     # ---- structure ----
     def begin_task(self, task: Task) -> None:
         """Structure only (also replayed by `load_state_dict`): a new weight block, old ones frozen."""
-        self.known, self.total = task.start, task.end
-        self.tasks_done = task.id + 1
         self.net.head.expand(task.size)
         if task.id > 0 and self.cfg.freeze_old_weights:
             self.net.head.freeze_old()
@@ -147,8 +145,10 @@ class UCIR(CosineRehearsal):
                 old_features = self.old_backbone(batch.x)
             lam = less_forget_weight(self.cfg.lambda_base, self.known, self.total - self.known)
             loss = loss + lam * less_forget_loss(features, old_features)
-            loss = loss + self.cfg.mr_weight * margin_ranking_loss(cosines, batch.y, self.known, self.cfg.mr_k,
-                                                                   self.cfg.mr_margin)
+            ranking = margin_ranking_loss(cosines, batch.y, self.known, self.cfg.mr_k, self.cfg.mr_margin)
+            ranking = batch.subset_mean(ranking, int((batch.y < self.known).sum()),
+                                        int((batch.batch_labels < self.known).sum()))
+            loss = loss + self.cfg.mr_weight * ranking
         return loss, logits, batch.y
 
     def end_task(self, task: Task) -> None:
