@@ -327,6 +327,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if "torch" in sys.modules:  # torchrun: leave the process group before exiting (else gloo may abort)
+            from dynammo.distributed import close_world
+
+            close_world()
 
 
 if __name__ == "__main__":

@@ -117,11 +117,16 @@ def join_world(cfg: Config, console: Console):
     return cfg, (console if world.main else MutedConsole())
 
 
-def writers(cfg, run_dir: Path, console: Console, resume: bool = False):
-    """(RunWriter, tracker): rank 0's write the run directory; the other ranks' write nothing."""
+def run_tracker(cfg, run_dir: Path, console: Console):
+    """The run's tracker; the other ranks of a distributed run track nothing (rank 0 does)."""
+    return make_tracker(cfg, run_dir, console) if current_world().main else Tracker()
+
+
+def run_writer(cfg, run_dir: Path, resume: bool = False):
+    """The run directory's writer; the other ranks of a distributed run write nothing (rank 0 does)."""
     if not current_world().main:
-        return MutedWriter(run_dir), Tracker()
-    return RunWriter(run_dir, cfg, tensorboard=tensorboard_on(cfg), resume=resume), make_tracker(cfg, run_dir, console)
+        return MutedWriter(run_dir)
+    return RunWriter(run_dir, cfg, tensorboard=tensorboard_on(cfg), resume=resume)
 
 
 def run_single(cfg: Config, run_dir: Path, console: Console) -> dict:
@@ -131,8 +136,9 @@ def run_single(cfg: Config, run_dir: Path, console: Console) -> dict:
     data, scenario, engine, method = prepare(cfg, console)
     engine.world.barrier()  # every rank has checked the directory before rank 0 creates it
     progress = Progress.fresh(cfg, data, scenario)
-    writer, tracker = writers(cfg, run_dir, console)
+    tracker = run_tracker(cfg, run_dir, console)
     tracker.start(progress.results)  # before anything is written: an unreachable store stops here
+    writer = run_writer(cfg, run_dir)
     return _run(cfg, data, scenario, engine, method, writer, console, progress, tracker)
 
 
@@ -174,8 +180,9 @@ def resume_run(run_dir, console: Console, device: Optional[str] = None) -> dict:
     if progress.next_task >= len(scenario) and partial is None:
         raise UserError(f"every task of {run_dir} has a checkpoint; the run only missed its final write: "
                         f"evaluate it with `dynammo eval {run_dir}`")
-    writer, tracker = writers(cfg, run_dir, console, resume=True)
+    tracker = run_tracker(cfg, run_dir, console)
     tracker.start(progress.results)  # an MLflow run continues the run's own (results.json `tracking`)
+    writer = run_writer(cfg, run_dir, resume=True)
     writer.rows = list(progress.rows)
     where = f"task {progress.next_task + 1}" + (" (mid-task)" if partial else "")
     console.attach(run_dir / "log.txt")
