@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,17 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DYNAMMO_SHARED_DATA", ROOT.parent / "shared" / "data"))
 TINY = ["dataset=digits", "backbone=resnet20", "img_size=8", "epochs=1", "max_train_per_class=20",
         "batch_size=32", "progress=false", "tensorboard=true"]
+
+
+def wait_for(path, needle, proc, timeout=300):
+    """Poll until `path` exists (and holds `needle`, unless None) while `proc` still runs."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if path.exists() and (needle is None or needle in path.read_text(errors="replace")):
+            return
+        assert proc.poll() is None, f"the run ended before '{needle}' in {path}: {proc.stderr.read()[-3000:]}"
+        time.sleep(0.01)
+    raise AssertionError(f"'{needle}' never appeared in {path}")
 
 
 def run_cli(*args, cwd=None, timeout=600):

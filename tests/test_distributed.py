@@ -8,18 +8,20 @@ and batch_size 7 give global batches of 7 (slices of 4 and 3) and short last bat
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from dynammo.distributed import World
-from test_cli_e2e import ROOT
+from dynammo.distributed import World, state_digest
+from dynammo.engine import Batch
+from dynammo.methods.acl import heads_loss
+from test_cli_e2e import ROOT, wait_for
 
 pytestmark = pytest.mark.distributed
 
@@ -90,6 +92,42 @@ def test_share_splits_a_batch_into_contiguous_uneven_slices():
     assert World().share(5) == (0, 5)
 
 
+def test_subset_means_of_the_slices_weighted_by_slice_size_give_the_whole_batch_mean():
+    """UCIR's margin term averages over the batch's old-class samples: per slice, rescaled, the
+    engine's n_slice / n_batch weighting must give the mean over the whole batch's old samples."""
+    y = torch.tensor([0, 5, 1, 6, 7, 0, 8])  # classes < 2 are old: 3 of them, at 0, 2 and 5
+    losses = torch.tensor([1.0, 0.0, 2.0, 0.0, 0.0, 6.0, 0.0])
+    old = y < 2
+    total = torch.zeros(())
+    for rank in range(2):
+        start, end = World(rank, 2).share(len(y))
+        batch = Batch(torch.zeros(end - start), y[start:end], y[start:end], torch.arange(start, end), global_y=y)
+        local_old = old[start:end]
+        local_mean = losses[start:end][local_old].mean()
+        total = total + (end - start) / len(y) * batch.subset_mean(local_mean, int(local_old.sum()), int(old.sum()))
+    assert float(total) == pytest.approx((1.0 + 2.0 + 6.0) / 3)
+    one = Batch(torch.zeros(7), y, y, torch.arange(7))  # one process: the plain mean, untouched
+    assert one.subset_mean(torch.tensor(4.0), 3, 3) == torch.tensor(4.0)
+
+
+def test_a_head_counts_when_the_whole_batch_holds_its_task_even_if_the_slice_does_not():
+    logits = [torch.zeros(2, 3), torch.zeros(2, 3)]  # heads of tasks (0, 2) and (2, 4), 2 classes + others
+    slice_y = torch.tensor([0, 1])
+    only_first = heads_loss(logits, slice_y, [(0, 2), (2, 4)])
+    both = heads_loss(logits, slice_y, [(0, 2), (2, 4)], batch_labels=torch.tensor([0, 1, 3]))
+    assert float(only_first) == pytest.approx(math.log(3)) and float(both) == pytest.approx(2 * math.log(3))
+
+
+def test_state_digest_tells_equal_states_from_states_one_bit_apart():
+    state = {"net": {"w": torch.arange(6.0).view(2, 3), "n": torch.tensor(3)}, "memory": [torch.ones(2)], "k": 4}
+    same = {"k": 4, "memory": [torch.ones(2)], "net": {"n": torch.tensor(3), "w": torch.arange(6.0).view(2, 3)}}
+    assert state_digest(state) == state_digest(same)
+    moved = {**state, "net": {**state["net"], "w": state["net"]["w"].clone()}}
+    moved["net"]["w"][1, 2] = torch.nextafter(moved["net"]["w"][1, 2], torch.tensor(10.0))
+    assert state_digest(moved) != state_digest(state)
+    assert state_digest({**state, "k": 5}) != state_digest(state)
+
+
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
     """For every method: a 1-process and a 2-process float64 run of the same config, run 2 at a time."""
@@ -131,16 +169,6 @@ def test_two_processes_train_the_one_process_experiment(pairs, method):
     ra, rb = results(one), results(two)
     assert ra["acc_matrix"] == rb["acc_matrix"] and ra["acc"] == rb["acc"]
     assert [c["memory_exemplars"] for c in ra["cost"]] == [c["memory_exemplars"] for c in rb["cost"]]
-
-
-def wait_for(path: Path, needle: str, proc, timeout=240):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if path.is_file() and needle in path.read_text():
-            return
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(0.02)
-    raise AssertionError(f"'{needle}' never appeared in {path}")
 
 
 @pytest.mark.parametrize("method", list(CASES))

@@ -11,7 +11,6 @@ import math
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -25,7 +24,7 @@ from dynammo.pretrain.augment import TwoViews, crop_boxes, crop_flip_resize, hsv
 from dynammo.pretrain.knn import feature_spread, feature_std, knn_accuracy, knn_predict
 from dynammo.pretrain.losses import KeyQueue, info_nce, momentum_update_, negative_cosine, simsiam_loss
 from dynammo.pretrain.models import MoCoV2
-from test_cli_e2e import ROOT, assert_user_error
+from test_cli_e2e import ROOT, assert_user_error, wait_for
 
 QUIET = ["progress=false", "plots=false", "tensorboard=false"]
 TINY = ["dataset=digits", "backbone=resnet20", "img_size=8", "batch_size=16", "ssl_max_images=96",
@@ -351,16 +350,6 @@ RESUME = [*TINY, "ssl_method=moco_v2", "moco_momentum=0.99", "moco_queue=32", "e
 def start_pretrain(out, *extra):
     return subprocess.Popen([sys.executable, "-m", "dynammo", "pretrain", "--out", str(out), *RESUME, *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=cli_env())
-
-
-def wait_for(path, needle, proc, timeout=300):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if path.exists() and (needle is None or needle in path.read_text(errors="replace")):
-            return
-        assert proc.poll() is None, f"the run ended before '{needle}' in {path}: {proc.stderr.read()}"
-        time.sleep(0.01)
-    raise AssertionError(f"'{needle}' never appeared in {path}")
 
 
 def outcome(out):

@@ -20,7 +20,7 @@ from dynammo.config import load_config
 from dynammo.console import Console
 from dynammo.errors import UserError
 from dynammo.runner import run_single
-from test_cli_e2e import ROOT, assert_user_error, run_cli
+from test_cli_e2e import ROOT, assert_user_error, run_cli, wait_for
 
 # DynaMMo: several stages per task (backbone, adapters, heads), so a kill lands inside a multi-stage task
 DYN = ["method=dynammo", "dataset=digits", "backbone=resnet20", "img_size=8", "max_train_per_class=30",
@@ -35,14 +35,7 @@ def start(out, *extra):
 
 
 def wait_for_log(out, needle, proc, timeout=300):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        log = out / "log.txt"
-        if log.exists() and needle in log.read_text():
-            return
-        assert proc.poll() is None, f"the run ended before '{needle}': {proc.stderr.read()}"
-        time.sleep(0.02)
-    raise AssertionError(f"'{needle}' never appeared in {out}/log.txt")
+    wait_for(out / "log.txt", needle, proc, timeout)
 
 
 def accuracies(out):

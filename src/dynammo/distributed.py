@@ -72,13 +72,6 @@ class World:
         dist.all_gather_object(out, obj)
         return out
 
-    def gather_rows(self, *tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """The global batch's rows of each tensor (every rank's slice, in rank order)."""
-        if not self.distributed:
-            return tensors
-        parts = self.gather([t.detach().cpu() for t in tensors])
-        return tuple(torch.cat([p[i] for p in parts]).to(t.device) for i, t in enumerate(tensors))
-
     def broadcast(self, obj):
         """Rank 0's `obj` on every rank."""
         if not self.distributed:
@@ -138,14 +131,6 @@ class World:
                 moved = buf.detach().to(self.device()).float()
                 self.mean_(moved)
                 buf.copy_(moved.to(buf.device, buf.dtype))
-
-    def same_everywhere(self, tensors: Sequence[torch.Tensor]) -> bool:
-        """Whether every rank holds bitwise the same tensors (a hash of their bytes)."""
-        h = hashlib.sha256()
-        for t in tensors:
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
-        digest = h.hexdigest()
-        return len(set(self.gather(digest))) == 1
 
 
 _WORLD = World()

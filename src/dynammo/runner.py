@@ -29,6 +29,7 @@ from dynammo.methods.base import check_eval_mode
 from dynammo.openset import expected_calibration_error, known_score, open_set_metrics
 from dynammo.protocols import protocol_record
 from dynammo.report import MutedWriter, RunWriter, check_run_dir, format_table, make_plots, versions
+from dynammo.signals import handling_stop_signals
 from dynammo.io import write_json_atomic
 from dynammo.tracking import Tracker, check_tracking, make_tracker, tensorboard_on
 
@@ -261,12 +262,8 @@ def stop_on_signals(engine: Engine, console: Console):
         engine.stop_requested = name
         console.print(f"{name}: saving a checkpoint at the next batch, then stopping (send it again to stop at once)")
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with handling_stop_signals(handler):
         yield
-    finally:
-        for sig, h in previous.items():
-            signal.signal(sig, h)
 
 
 def mark_stopped(writer, status: str, reason: str) -> None:

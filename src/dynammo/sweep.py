@@ -37,6 +37,7 @@ from dynammo.config import (ALIASES, IGNORED_REFERENCE_KEYS, OPTIONS, all_method
 from dynammo.errors import UserError
 from dynammo.protocols import DEFAULT_PROTOCOL, PROTOCOL_KEYS, protocol_names, shipped_method_file
 from dynammo.registry import closest
+from dynammo.signals import handling_stop_signals
 
 RUN_LOG = "sweep.log"  # in each run directory: the run's stderr, one block per attempt
 REPORT_DIR = "report"  # DIR/report/: the report of every finished run under DIR
@@ -414,12 +415,8 @@ class Sweep:
         def handler(signum, frame):
             self.signals.append(signal.Signals(signum).name)
 
-        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
+        with handling_stop_signals(handler):
             yield
-        finally:
-            for sig, h in previous.items():
-                signal.signal(sig, h)
 
     def _forward_signals(self, running: List[Job]) -> None:
         """Each signal the sweep gets, its runs get as SIGTERM: the first saves a checkpoint at the

@@ -119,17 +119,12 @@ def check_image_memory(cfg, name: str, train: ImageSet, test: ImageSet, in_memor
                     "eval_batch_size or img_size")
 
 
-def _prepare(raw: RawDataset, cfg, seed: int) -> RawDataset:
-    """Subsample (before decoding), decode into memory when it fits, resize."""
-    if len(raw.train) == 0:
-        raise UserError(f"dataset {raw.name} has no training images; check data_root")
-    if len(raw.test) == 0:
-        raise UserError(f"dataset {raw.name} has no test images; lower test_fraction's rounding or add images")
-    train = raw.train.subset(subsample_per_class(raw.train.labels, cfg.max_train_per_class, seed))
-    test = raw.test.subset(subsample_per_class(raw.test.labels, cfg.max_test_per_class, seed + 1))
+def fit_in_memory(cfg, name: str, train: ImageSet, test: ImageSet, subsample_key: str) -> Tuple[ImageSet, ImageSet]:
+    """Decode into memory when the images fit (in_memory), resize to img_size; an allocation that
+    fails is one line naming img_size and the key that subsamples (`subsample_key`)."""
     mode = cfg.in_memory
     keep = mode == "true" or (mode == "auto" and _fits_memory(train, cfg.img_size) and _fits_memory(test, cfg.img_size))
-    check_image_memory(cfg, raw.name, train, test, keep or train.in_memory)
+    check_image_memory(cfg, name, train, test, keep or train.in_memory)
     try:
         if keep:
             train, test = train.materialize(), test.materialize()
@@ -138,10 +133,22 @@ def _prepare(raw: RawDataset, cfg, seed: int) -> RawDataset:
     except (MemoryError, RuntimeError) as exc:
         if not is_allocation_failure(exc):
             raise
-        raise UserError(f"the images of {raw.name} at img_size={cfg.img_size} cannot be allocated "
-                        f"({exc.__class__.__name__}); lower img_size or max_train_per_class") from None
+        raise UserError(f"the images of {name} at img_size={cfg.img_size} cannot be allocated "
+                        f"({exc.__class__.__name__}); lower img_size or {subsample_key}") from None
     if cfg.img_size is None and not train.in_memory:
-        raise UserError(f"dataset {raw.name} is read from files lazily; set img_size=N so every image has one size")
+        raise UserError(f"the images of {name} are read from files lazily; set img_size=N so every image has one size")
+    return train, test
+
+
+def _prepare(raw: RawDataset, cfg, seed: int) -> RawDataset:
+    """Subsample (before decoding), decode into memory when it fits, resize."""
+    if len(raw.train) == 0:
+        raise UserError(f"dataset {raw.name} has no training images; check data_root")
+    if len(raw.test) == 0:
+        raise UserError(f"dataset {raw.name} has no test images; lower test_fraction's rounding or add images")
+    train = raw.train.subset(subsample_per_class(raw.train.labels, cfg.max_train_per_class, seed))
+    test = raw.test.subset(subsample_per_class(raw.test.labels, cfg.max_test_per_class, seed + 1))
+    train, test = fit_in_memory(cfg, raw.name, train, test, "max_train_per_class")
     return RawDataset(raw.name, raw.class_names, train, test, raw.flip, raw.split)
 
 

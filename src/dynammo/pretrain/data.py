@@ -25,12 +25,11 @@ import numpy as np
 import torch
 
 from dynammo.config import build_config
-from dynammo.data import (IMAGENET_MEAN, IMAGENET_STD, IN_MEMORY_LIMIT_BYTES, channel_stats, check_image_memory,
-                          stats_sample)
+from dynammo.data import IMAGENET_MEAN, IMAGENET_STD, channel_stats, fit_in_memory, stats_sample
 from dynammo.data.datasets import DATASETS, RawDataset
 from dynammo.data.datasets.folder import IMAGE_EXTENSIONS, guess_channels, is_image
 from dynammo.data.imageset import ImageSet, subsample_per_class
-from dynammo.errors import UserError, is_allocation_failure
+from dynammo.errors import UserError
 from dynammo.pretrain.config import holdout_seeds, run_seed
 
 # the keys a dataset loader reads; the rest of its config is the framework's defaults
@@ -84,25 +83,8 @@ def normalisation(cfg, images: ImageSet, seed: int):
 
 
 def prepare(images: ImageSet, cfg, what: str) -> ImageSet:
-    """Decode into memory when it fits (in_memory), resize to img_size."""
-    side = cfg.img_size or 256
-    fits = len(images) * images.channels * side * side < IN_MEMORY_LIMIT_BYTES
-    keep = cfg.in_memory == "true" or (cfg.in_memory == "auto" and fits)
-    empty = images.subset(torch.zeros(0, dtype=torch.long))
-    check_image_memory(cfg, what, images, empty, keep or images.in_memory)
-    try:
-        if keep:
-            images = images.materialize()
-        if cfg.img_size is not None:
-            images = images.resized(cfg.img_size)
-    except (MemoryError, RuntimeError) as exc:
-        if not is_allocation_failure(exc):
-            raise
-        raise UserError(f"the images of {what} at img_size={cfg.img_size} cannot be allocated "
-                        f"({exc.__class__.__name__}); lower img_size or ssl_max_images") from None
-    if cfg.img_size is None and not images.in_memory:
-        raise UserError(f"the images of {what} are read from files lazily; set img_size=N so every image has one size")
-    return images
+    """Decode into memory when it fits (in_memory), resize to img_size (as load_data does)."""
+    return fit_in_memory(cfg, what, images, images.subset(torch.zeros(0, dtype=torch.long)), "ssl_max_images")[0]
 
 
 def source_name(images: ImageSet, i: int, split: str) -> str:
