@@ -1,8 +1,7 @@
 """Training images/s of the framework's fit path under each compute path (compute.py), side by side
 in one run: fp32 contiguous (the path of earlier versions), fp32 channels-last, bf16 autocast on
-NCHW, bf16 autocast on channels-last images with and without the module weights converted too
-(`ComputePath.prepare_module`: is the hook worth it?), and `auto` (what a run on this machine picks).
-Every channels-last contender but the one marked "images only" has its weights converted.
+NCHW, bf16 autocast on channels-last images and weights (`ComputePath.prepare_module`, which
+build_run and Engine.fit call), and `auto` (what a run on this machine picks).
 
 Each contender is a Replay run built the way `dynammo run` builds it (assembly.build_run) with its
 own `amp` / `memory_format`, trained for one epoch of its first task through Engine.fit. Two
@@ -29,14 +28,13 @@ from dynammo.assembly import build_run
 from dynammo.config import load_config
 from dynammo.engine import OptimSettings
 
-# (label, config keys, call prepare_module: convert the module weights on the channels-last path)
+# (label, config keys)
 CONTENDERS = [
-    ("fp32, contiguous (today)", ["amp=false", "memory_format=contiguous"], True),
-    ("fp32, channels_last", ["amp=false", "memory_format=channels_last"], True),
-    ("bf16 autocast, contiguous", ["amp=true", "memory_format=contiguous"], True),
-    ("bf16 autocast, channels_last images only", ["amp=true", "memory_format=channels_last"], False),
-    ("bf16 autocast, channels_last", ["amp=true", "memory_format=channels_last"], True),
-    ("auto", ["amp=auto", "memory_format=auto"], True),
+    ("fp32, contiguous (today)", ["amp=false", "memory_format=contiguous"]),
+    ("fp32, channels_last", ["amp=false", "memory_format=channels_last"]),
+    ("bf16 autocast, contiguous", ["amp=true", "memory_format=contiguous"]),
+    ("bf16 autocast, channels_last", ["amp=true", "memory_format=channels_last"]),
+    ("auto", ["amp=auto", "memory_format=auto"]),
 ]
 SETTINGS = [("resnet32", 32), ("resnet18", 64)]
 
@@ -49,16 +47,12 @@ def sync(device):
 class Contender:
     """One Replay run of the first task, ready to train an epoch from the same initial weights."""
 
-    def __init__(self, cfg, prepare_module: bool):
+    def __init__(self, cfg):
         self.method = build_run(cfg).method
         self.engine = self.method.engine
-        for tf in (self.engine.train_tf, self.engine.test_tf):  # as assembly sets it: the run's compute path
-            tf.channels_last = self.engine.compute.channels_last
         task = self.method.scenario.tasks[0]
         self.engine.begin_task("task 1")
         self.method.begin_task(task)
-        if prepare_module:  # the hook for Engine.fit (docs/performance.md; a no-op on the contiguous path)
-            self.engine.compute.prepare_module(self.method.net)
         self.train = self.method.training_set(task)
         self.settings = OptimSettings.from_config(cfg)
         self.init_state = copy.deepcopy(self.method.net.state_dict())
@@ -79,14 +73,14 @@ def measure(args, backbone: str, size: int) -> list:
             f"backbone={backbone}", f"img_size={size}", f"batch_size={args.batch_size}", "epochs=1",
             "scheduler=none", f"device={args.device}", "progress=false"]
     protocol = ["mednist_cpu", "replay"] if args.dataset == "mednist" else ["digits", "replay"]
-    runs = [Contender(load_config(protocol, base + keys), weights) for _, keys, weights in CONTENDERS]
+    runs = [Contender(load_config(protocol, base + keys)) for _, keys in CONTENDERS]
     for run in runs:  # warm-up: allocator, oneDNN primitive caches, first-call overheads
         run.epoch()
     speeds = [[] for _ in runs]
     for _ in range(args.rounds):
         for run, out in zip(runs, speeds):
             out.append(run.epoch())
-    return [(label, run.engine.compute.describe(), s) for (label, _, _), run, s in zip(CONTENDERS, runs, speeds)]
+    return [(label, run.engine.compute.describe(), s) for (label, _), run, s in zip(CONTENDERS, runs, speeds)]
 
 
 def main():
