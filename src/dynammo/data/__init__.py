@@ -125,11 +125,15 @@ def fit_in_memory(cfg, name: str, train: ImageSet, test: ImageSet, subsample_key
     mode = cfg.in_memory
     keep = mode == "true" or (mode == "auto" and _fits_memory(train, cfg.img_size) and _fits_memory(test, cfg.img_size))
     check_image_memory(cfg, name, train, test, keep or train.in_memory)
-    try:
+    def fit(images: ImageSet) -> ImageSet:
+        if not len(images):  # nothing to decode (the pretraining images have no test set)
+            return images
         if keep:
-            train, test = train.materialize(), test.materialize()
-        if cfg.img_size is not None:
-            train, test = train.resized(cfg.img_size), test.resized(cfg.img_size)
+            images = images.materialize()
+        return images.resized(cfg.img_size) if cfg.img_size is not None else images
+
+    try:
+        train, test = fit(train), fit(test)
     except (MemoryError, RuntimeError) as exc:
         if not is_allocation_failure(exc):
             raise
