@@ -42,7 +42,8 @@ def build_run(cfg, console: Optional[Console] = None, device: Optional[str] = No
     scenario = Scenario.from_config(data, cfg, cfg.seed)
     if check:
         method_cls.check_config(cfg, data.num_classes)
-    transforms = make_transforms(data, cfg.augment if augment is None else augment)
+    transforms = make_transforms(data, cfg.augment if augment is None else augment, augment_crop=cfg.augment_crop,
+                                 test_crop=cfg.test_crop)
     return RunParts(data, scenario, *_engine_and_method(cfg, console, dev, scenario, transforms))
 
 

@@ -245,6 +245,14 @@ OPTIONS: Dict[str, Option] = {
     "test_fraction": Option("float", 0.2, "test share for datasets without an official split",
                             min=0.0, max=1.0, min_open=True, max_open=True),
     "augment": Option("bool", True, "default training augmentation (random crop + horizontal flip)"),
+    "augment_crop": Option("str", "pad", "the training crop: pad (zero-pad by 1/8 of the side, crop back at a random "
+                                         "offset) | resized (RandomResizedCrop, area 0.08-1, ratio 3/4-4/3, as the "
+                                         "prompt methods' code)", choices=("pad", "resized")),
+    "test_crop": Option("str", "none", "the test view: none (the image as stored) | center (Resize(side*256/224) + "
+                                       "CenterCrop(side), as L2P/DualPrompt's code)", choices=("none", "center")),
+    "keep_aspect": Option("bool", False, "record each image's original height / width (read from the file headers) "
+                                         "so the resized and centre crops fall where they do on the original image "
+                                         "although it is stored squashed to img_size x img_size"),
     "normalize": Option("str", "auto", "per-channel normalisation statistics: auto (imagenet with pretrained "
                                         "weights, else dataset) | dataset (a seeded sample of the training set) | "
                                         "imagenet | none", choices=("auto", "dataset", "imagenet", "none")),

@@ -284,8 +284,8 @@ class Engine:
             batches = iterate_batches(data, settings.batch_size, order=order, start_batch=first,
                                       num_workers=self.cfg.num_workers)
             for i, (raw, y, idx) in enumerate(batches, start=first):
-                stop = self._train_step(self._batch(raw, y, idx, tf), len(y), params, loss_fn, opt, scaler,
-                                        before_step, after_step, sums)
+                batch = self._batch(raw, y, idx, tf, data.aspect_of(idx))
+                stop = self._train_step(batch, len(y), params, loss_fn, opt, scaler, before_step, after_step, sums)
                 if bar is not None:
                     bar.update(1)
                     if i % 10 == 0:
@@ -316,12 +316,14 @@ class Engine:
             call.finish(stats, self.last_optimizer_state)
         return stats
 
-    def _batch(self, raw: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, tf: BatchTransform) -> Batch:
+    def _batch(self, raw: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, tf: BatchTransform,
+               aspect: Optional[torch.Tensor] = None) -> Batch:
         """The global batch on the device, augmented with the shared generator (the same draws on
-        every rank and as in one process), then this rank's contiguous slice of it."""
+        every rank and as in one process), then this rank's contiguous slice of it. aspect: the
+        images' original height / width where recorded (ImageSet.aspect)."""
         raw = raw.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
-        x = tf(raw, self.generator)
+        x = tf(raw, self.generator, aspect)
         if not self.world.distributed:
             return Batch(x, y, raw, idx)
         start, end = self.world.share(len(y))
@@ -391,8 +393,8 @@ class Engine:
         if self.world.distributed:  # this rank's whole batches: the same batches as one process
             data = data.subset(torch.arange(min(start * batch_size, len(data)), min(end * batch_size, len(data))))
         outs = []
-        for raw, _, _ in iterate_batches(data, batch_size, shuffle=False, num_workers=self.cfg.num_workers):
-            x = self.test_tf(raw.to(self.device, non_blocking=True))
+        for raw, _, idx in iterate_batches(data, batch_size, shuffle=False, num_workers=self.cfg.num_workers):
+            x = self.test_tf(raw.to(self.device, non_blocking=True), aspect=data.aspect_of(idx))
             with self.autocast():
                 outs.append(_to_cpu(fn(x)))
         if self.world.distributed:

@@ -36,7 +36,8 @@ DEFAULT_PROTOCOL, DEFAULT_METHOD = "digits", "dynammo"  # the embedded default: 
 
 # What must be equal for every method compared under one protocol.
 PROTOCOL_KEYS = (
-    "dataset", "backbone", "pretrained", "img_size", "normalize", "augment",
+    "dataset", "backbone", "pretrained", "img_size", "normalize", "augment", "augment_crop", "test_crop",
+    "keep_aspect",
     "init_cls", "increment", "shuffle", "class_order", "seed", "test_fraction",
     "max_train_per_class", "max_test_per_class",
     "memory_size", "memory_per_class",
@@ -50,6 +51,9 @@ BACKBONE_SHAPE_KEYS = {"vit_patch_size": "vit_cpu", "vit_embed_dim": "vit_cpu", 
 PROTOCOL_FILE_EXTRA = ("protocol", "data_root", "download", "in_memory", "num_workers")
 # Not hashed: the seed varies between the runs of one protocol (each results.json records its own).
 UNHASHED = ("seed",)
+# Keys added after protocols were first hashed: part of the values (and the hash) only when set away
+# from their default, so a protocol that does not use them keeps the hash its earlier runs recorded.
+HASHED_WHEN_SET = ("augment_crop", "test_crop", "keep_aspect")
 
 
 @dataclass
@@ -220,7 +224,8 @@ def _comparable(key: str, value):
 
 def protocol_values(cfg) -> Dict[str, object]:
     return {k: _comparable(k, cfg.get(k)) for k in PROTOCOL_KEYS
-            if k not in UNHASHED and BACKBONE_SHAPE_KEYS.get(k, cfg.get("backbone")) == cfg.get("backbone")}
+            if k not in UNHASHED and BACKBONE_SHAPE_KEYS.get(k, cfg.get("backbone")) == cfg.get("backbone")
+            and not (k in HASHED_WHEN_SET and cfg.get(k, OPTIONS[k].default) == OPTIONS[k].default)}
 
 
 def protocol_hash(values: dict) -> str:

@@ -152,6 +152,8 @@ def _prepare(raw: RawDataset, cfg, seed: int) -> RawDataset:
         raise UserError(f"dataset {raw.name} has no test images; lower test_fraction's rounding or add images")
     train = raw.train.subset(subsample_per_class(raw.train.labels, cfg.max_train_per_class, seed))
     test = raw.test.subset(subsample_per_class(raw.test.labels, cfg.max_test_per_class, seed + 1))
+    if cfg.get("keep_aspect"):  # before the resize to a square: the original height / width of each image
+        train, test = train.with_aspect(), test.with_aspect()
     train, test = fit_in_memory(cfg, raw.name, train, test, "max_train_per_class")
     return RawDataset(raw.name, raw.class_names, train, test, raw.flip, raw.split)
 

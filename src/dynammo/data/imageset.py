@@ -43,6 +43,18 @@ def decode_image(src: Source, channels: int, size: Optional[int]) -> torch.Tenso
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
+def source_aspect(src: Source) -> float:
+    """Height / width of an encoded image, from its header (nothing decoded)."""
+    name = src[0] if isinstance(src, tuple) else (src if isinstance(src, str) else "<bytes>")
+    data = src[1] if isinstance(src, tuple) else src
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
+            w, h = img.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise UserError(f"image {name} cannot be read ({exc.__class__.__name__}); remove or replace the file") from exc
+    return h / w
+
+
 def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
     """Resize a uint8 (N, C, H, W) tensor, in chunks to bound memory."""
     if images.shape[-1] == size and images.shape[-2] == size:
@@ -58,13 +70,19 @@ def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
 
 @dataclass
 class ImageSet:
-    """labels: int64 (N,). Exactly one of `images` (uint8 N,C,H,W) or `sources` (lazy files) is set."""
+    """labels: int64 (N,). Exactly one of `images` (uint8 N,C,H,W) or `sources` (lazy files) is set.
+
+    aspect: float32 (N,), each image's height / width before it was resized to a square (None: the
+    images are as they were taken, or square). Random-resized and centre crops are drawn on the
+    original geometry from it (data/transforms.py), so a square image store keeps the aspect ratio
+    the papers' transforms see."""
 
     labels: torch.Tensor
     images: Optional[torch.Tensor] = None
     sources: Optional[List[Source]] = None
     channels: int = 3
     size: Optional[int] = None
+    aspect: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         self.labels = torch.as_tensor(self.labels, dtype=torch.long)
@@ -81,10 +99,33 @@ class ImageSet:
 
     def subset(self, idx) -> "ImageSet":
         idx = torch.as_tensor(idx, dtype=torch.long)
+        aspect = None if self.aspect is None else self.aspect[idx]
         if self.in_memory:
-            return ImageSet(self.labels[idx], images=self.images[idx])
+            return ImageSet(self.labels[idx], images=self.images[idx], aspect=aspect)
         return ImageSet(self.labels[idx], sources=[self.sources[i] for i in idx.tolist()],
-                        channels=self.channels, size=self.size)
+                        channels=self.channels, size=self.size, aspect=aspect)
+
+    def aspect_of(self, idx: torch.Tensor) -> Optional[torch.Tensor]:
+        """The original height / width of the images at idx (None when not recorded)."""
+        return None if self.aspect is None else self.aspect[idx]
+
+    def with_aspect(self) -> "ImageSet":
+        """The same images with their original aspect ratios recorded: read from the files' headers
+        (before resizing), or the stored images' own shape."""
+        if self.in_memory:
+            ratio = self.images.shape[-2] / self.images.shape[-1]
+            aspect = torch.full((len(self),), ratio, dtype=torch.float32)
+        else:
+            aspect = torch.tensor([source_aspect(s) for s in self.sources], dtype=torch.float32)
+        return self._replace(aspect=aspect)
+
+    def _replace(self, **changes) -> "ImageSet":
+        fields = dict(labels=self.labels, images=self.images, sources=self.sources, channels=self.channels,
+                      size=self.size, aspect=self.aspect)
+        fields.update(changes)
+        if fields["images"] is not None:
+            fields["sources"] = None
+        return ImageSet(**fields)
 
     def of_classes(self, classes: Sequence[int]) -> "ImageSet":
         mask = torch.isin(self.labels, torch.as_tensor(list(classes), dtype=torch.long))
@@ -109,7 +150,7 @@ class ImageSet:
         shapes = {tuple(t.shape) for t in imgs}
         if len(shapes) > 1:
             raise UserError(f"images have different sizes {sorted(shapes)[:3]}...; set img_size=N to resize them")
-        return ImageSet(self.labels.clone(), images=torch.stack(imgs))
+        return ImageSet(self.labels.clone(), images=torch.stack(imgs), aspect=self.aspect)
 
     def nbytes_per_image(self) -> int:
         if self.in_memory:
@@ -118,21 +159,21 @@ class ImageSet:
         return self.channels * side * side
 
     def with_labels(self, labels: torch.Tensor) -> "ImageSet":
-        return ImageSet(labels, images=self.images, sources=self.sources, channels=self.channels, size=self.size)
+        return self._replace(labels=labels)
 
     def to_channels(self, channels: int) -> "ImageSet":
         if self.channels == channels:
             return self
         if not self.in_memory:
-            return ImageSet(self.labels, sources=self.sources, channels=channels, size=self.size)
+            return self._replace(channels=channels)
         if self.channels == 1 and channels == 3:
-            return ImageSet(self.labels, images=self.images.expand(-1, 3, -1, -1).contiguous())
+            return self._replace(images=self.images.expand(-1, 3, -1, -1).contiguous())
         raise UserError(f"cannot convert {self.channels}-channel images to {channels} channels")
 
     def resized(self, size: int) -> "ImageSet":
         if self.in_memory:
-            return ImageSet(self.labels, images=resize_uint8(self.images, size))
-        return ImageSet(self.labels, sources=self.sources, channels=self.channels, size=size)
+            return self._replace(images=resize_uint8(self.images, size))
+        return self._replace(size=size)
 
     @staticmethod
     def concat(sets: Sequence["ImageSet"]) -> "ImageSet":
@@ -141,13 +182,17 @@ class ImageSet:
             return ImageSet(torch.zeros(0, dtype=torch.long), images=torch.zeros(0, 3, 1, 1, dtype=torch.uint8))
         if len(sets) == 1:
             return sets[0]
+        aspect = None  # a set without recorded ratios holds images as taken: their own shape's ratio
+        if any(s.aspect is not None for s in sets):
+            aspect = torch.cat([s.aspect if s.aspect is not None else s.with_aspect().aspect for s in sets])
         if all(s.in_memory for s in sets):
-            return ImageSet(torch.cat([s.labels for s in sets]), images=torch.cat([s.images for s in sets]))
+            return ImageSet(torch.cat([s.labels for s in sets]), images=torch.cat([s.images for s in sets]),
+                            aspect=aspect)
         if any(s.in_memory for s in sets):
             raise ValueError("cannot mix in-memory and file-backed image sets")
         sources = [x for s in sets for x in s.sources]
         return ImageSet(torch.cat([s.labels for s in sets]), sources=sources, channels=sets[0].channels,
-                        size=sets[0].size)
+                        size=sets[0].size, aspect=aspect)
 
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int):

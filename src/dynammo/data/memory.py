@@ -118,11 +118,12 @@ class ExemplarMemory:
 
     def state_dict(self) -> dict:
         return {c: {"labels": s.labels, "images": s.images, "sources": s.sources, "channels": s.channels,
-                    "size": s.size} for c, s in self.per_class.items()}
+                    "size": s.size, "aspect": s.aspect} for c, s in self.per_class.items()}
 
     def load_state_dict(self, state: dict) -> None:
         self.per_class = {int(c): ImageSet(v["labels"], images=v["images"], sources=v["sources"],
-                                           channels=v["channels"], size=v["size"]) for c, v in state.items()}
+                                           channels=v["channels"], size=v["size"], aspect=v.get("aspect"))
+                          for c, v in state.items()}
 
 
 def balanced_set(memory: ExemplarMemory, new_data: ImageSet, new_classes, m: int,

@@ -3,12 +3,28 @@
 Augmenting a whole batch at once (one gather for the random crops, one `where` for the flips)
 costs a small fraction of a training step, so augmentation never becomes the bottleneck the
 per-image PIL pipelines of other frameworks are on 2 CPU cores.
+
+Two training crops (config `augment_crop`): `pad` zero-pads by 1/8 of the side and crops back at a
+random offset (the CIFAR recipe of the ResNet papers); `resized` is torchvision's RandomResizedCrop
+(area share in [0.08, 1], width / height in [3/4, 4/3], resampled to the full side) with the flip in
+the same resampling: the training transform of L2P, DualPrompt and CODA-Prompt's official code.
+Two test views (`test_crop`): `none`, the stored image, and `center`, Resize(side·256/224) +
+CenterCrop(side) of L2P/DualPrompt's code (the central 224/256 of the shorter side). Where the
+images are stored squashed to a square, their recorded original aspect ratio (ImageSet.aspect,
+config `keep_aspect`) places both crops where they fall on the original image. Resampling is
+bilinear from the stored image (the references resample the original file, bicubic at test).
 """
 from __future__ import annotations
 
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
+
+from dynammo.pretrain.augment import crop_boxes, crop_flip_resize
+
+RESIZED_CROP_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop defaults, as the prompt methods' code
+RESIZED_CROP_RATIO = (3 / 4, 4 / 3)
+CENTER_CROP_RESIZE = 256 / 224  # Resize(256) + CenterCrop(224), scaled to the image side
 
 
 class BatchTransform:
@@ -20,11 +36,14 @@ class BatchTransform:
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], train: bool = False, crop_padding: int = 0,
-                 flip: bool = False, out_channels: int = 3, channels_last: bool = False):
+                 flip: bool = False, out_channels: int = 3, channels_last: bool = False,
+                 resized_crop: bool = False, center_crop: bool = False):
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.train = train
-        self.pad = crop_padding if train else 0
+        self.resized_crop = resized_crop and train
+        self.center_crop = center_crop and not train
+        self.pad = crop_padding if train and not self.resized_crop else 0
         self.flip = flip and train
         self.out_channels = out_channels
         self.channels_last = channels_last
@@ -36,12 +55,17 @@ class BatchTransform:
             self._on_device[device] = (self.mean.to(device), self.std.to(device))
         return self._on_device[device]
 
-    def __call__(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        if self.pad:
-            x = random_crop(x, self.pad, generator)
-        if self.flip:
-            flip = torch.rand(x.shape[0], device="cpu", generator=generator).to(x.device) < 0.5
-            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    def __call__(self, x: torch.Tensor, generator: Optional[torch.Generator] = None,
+                 aspect: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """aspect: each image's original height / width (ImageSet.aspect_of), None for as stored."""
+        if self.resized_crop or self.center_crop:
+            x = self._resample(x, generator, aspect)
+        else:
+            if self.pad:
+                x = random_crop(x, self.pad, generator)
+            if self.flip:
+                flip = torch.rand(x.shape[0], device="cpu", generator=generator).to(x.device) < 0.5
+                x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         mean, std = self.stats_on(x.device)
         x = (x.to(torch.get_default_dtype()).div_(255.0) - mean).div_(std)  # float32 unless a test asks for float64
         if x.shape[1] == 1 and self.out_channels == 3:
@@ -49,6 +73,34 @@ class BatchTransform:
         if self.channels_last:  # one copy, which the expanded grayscale batch needs anyway
             x = x.contiguous(memory_format=torch.channels_last)
         return x
+
+
+    def _resample(self, x: torch.Tensor, generator: Optional[torch.Generator],
+                  aspect: Optional[torch.Tensor]) -> torch.Tensor:
+        """The random resized crop (+ flip) or the centre crop, one affine resampling for the batch
+        (pixel values stay in [0, 255]; rounded back to uint8 levels as a PIL pipeline's are)."""
+        b, _, h, w = x.shape
+        if self.resized_crop:
+            boxes = crop_boxes(b, h, w, RESIZED_CROP_SCALE, RESIZED_CROP_RATIO, generator, aspect=aspect)
+            flips = (torch.rand(b, generator=generator) < 0.5) if self.flip else torch.zeros(b, dtype=torch.bool)
+        else:
+            boxes, flips = center_boxes(b, h, w, aspect), torch.zeros(b, dtype=torch.bool)
+        out = crop_flip_resize(x.to(torch.get_default_dtype()), boxes, flips)
+        return out.round_().clamp_(0, 255)
+
+
+def center_boxes(n: int, h: int, w: int, aspect: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(n, 4) float64 boxes (top, left, height, width) of Resize(s·256/224) + CenterCrop(s) on an
+    h x w image: a square of 224/256 of the original image's shorter side, at its centre, mapped onto
+    the stored image (aspect: the original height / width; None: as stored)."""
+    side = min(h, w)
+    frac = side / int(CENTER_CROP_RESIZE * side)  # DualPrompt's int((256 / 224) * input_size)
+    a = torch.full((n,), h / w, dtype=torch.float64) if aspect is None else aspect.to(torch.float64).view(n)
+    # the square's side, as shares of the original height and width
+    share_h = frac * torch.clamp(1 / a, max=1.0)
+    share_w = frac * torch.clamp(a, max=1.0)
+    ch, cw = share_h * h, share_w * w
+    return torch.stack([(h - ch) / 2, (w - cw) / 2, ch, cw], dim=1)
 
 
 def random_crop(x: torch.Tensor, pad: int, generator: Optional[torch.Generator] = None,
@@ -71,10 +123,15 @@ def random_crop(x: torch.Tensor, pad: int, generator: Optional[torch.Generator] 
     return padded[bi, ci, rows.view(b, 1, h, 1), cols.view(b, 1, 1, w)]
 
 
-def make_transforms(data, augment: bool, channels_last: bool = False):
-    """(train, test) transforms for a LoadedData: crop padding is 1/8 of the image side."""
+def make_transforms(data, augment: bool, channels_last: bool = False, augment_crop: str = "pad",
+                    test_crop: str = "none"):
+    """(train, test) transforms for a LoadedData: crop padding is 1/8 of the image side (augment_crop
+    pad) or a random resized crop (resized); the test view is the stored image (test_crop none) or
+    its centre crop (center)."""
     side = data.train.size or 32
+    resized = augment and augment_crop == "resized"
     train = BatchTransform(data.mean, data.std, train=augment, crop_padding=max(1, side // 8) if augment else 0,
-                           flip=data.flip and augment, channels_last=channels_last)
-    test = BatchTransform(data.mean, data.std, train=False, channels_last=channels_last)
+                           flip=data.flip and augment, channels_last=channels_last, resized_crop=resized)
+    test = BatchTransform(data.mean, data.std, train=False, channels_last=channels_last,
+                          center_crop=test_crop == "center")
     return train, test
