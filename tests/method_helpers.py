@@ -19,8 +19,8 @@ TINY = dict(dataset="digits", backbone="resnet20", img_size=8, init_cls=4, incre
 # 4 px patches (16 tokens + CLS), 5 blocks so that DualPrompt's and CODA's prefix layers 0-4 exist.
 VIT_TINY = dict(backbone="vit_cpu", img_size=16, vit_patch_size=4, vit_embed_dim=32, vit_depth=5, vit_heads=4)
 # Method sizes that must fit the tiny scenarios (CODA-Prompt's components: a multiple of the 3 tasks,
-# at most the ViT width 32).
-METHOD_TINY = {"coda_prompt": {"components": 9}}
+# at most the ViT width 32; RanPAC's projection: the paper's 10,000 would make a 800 MB Gram matrix).
+METHOD_TINY = {"coda_prompt": {"components": 9}, "ranpac": {"ranpac_m": 64}}
 
 
 def tiny_keys(name: str) -> dict:

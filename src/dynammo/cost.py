@@ -58,7 +58,7 @@ def structure_costs(method, scenario, example: torch.Tensor) -> list:
         exemplars = method.memory_budget(task.end)
         rows.append({"tasks": task.id + 1, "classes": task.end, "inference_gflops": gflops_per_image(method.predict, example),
                      "params_total": count_params([method.net]), "memory_exemplars": exemplars,
-                     "memory_bytes": exemplars * per_image_bytes})
+                     "memory_bytes": exemplars * per_image_bytes, **method.extra_cost()})
     return rows
 
 

@@ -438,7 +438,7 @@ def _train_all_tasks(cfg, method, engine, data, scenario, writer, console, progr
             "params_trainable": log.params_trainable,
             "inference_gflops": gflops_per_image(method.predict, example),
             "memory_exemplars": n_ex, "memory_bytes": n_bytes, "train_seconds": round(train_seconds, 3),
-            "train_images": log.train_images,
+            "train_images": log.train_images, **method.extra_cost(),
         }
         results["cost"].append(cost)
         if engine.world.distributed:

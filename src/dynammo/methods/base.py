@@ -190,6 +190,11 @@ class Method:
             return 0, 0
         return len(self.memory), self.memory.nbytes
 
+    def extra_cost(self) -> dict:
+        """Cost fields beside the framework's, for the structure as it stands (the run's `cost` rows
+        and `dynammo cost` alike), e.g. RanPAC's `statistics_bytes`; must not need data."""
+        return {}
+
     # ---- structure without training (cost accounting, checkpoints, export) ----
     def grow(self, task: Task) -> None:
         """Build task's modules exactly as training would, without data (default: `begin_task`)."""
