@@ -53,6 +53,8 @@ def _one_thread():
 def _int_bounds(opt: Option):
     lo = None if opt.min is None else (math.floor(opt.min) + 1 if opt.min_open else math.ceil(opt.min))
     hi = None if opt.max is None else (math.ceil(opt.max) - 1 if opt.max_open else math.floor(opt.max))
+    if opt.sane_max is not None:  # the sanity bound of an integer key without a declared max
+        hi = int(opt.sane_max) if hi is None else min(hi, int(opt.sane_max))
     return lo, hi
 
 

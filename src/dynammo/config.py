@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional
@@ -20,6 +21,32 @@ from dynammo.registry import closest
 
 
 NOT_DECLARED = object()  # an Option without a paper value
+# Every integer key's sanity bound unless it declares its own: a value past it is a typo (1e29 epochs),
+# not a setting, and would overflow the int32/int64 sizes torch and the data loaders take.
+INT_CEILING = 2**31 - 1
+MAX_EPOCHS = 100_000  # the epochs keys' bound: far beyond any paper's schedule, short of "forever"
+INT_KINDS = ("int", "int_list", "int_or_list")
+# Bounds on one config value before anything formats, compares or copies it: YAML aliases let a
+# 370-byte file stand for a value of billions of items (each use of an alias counts again here).
+MAX_VALUE_ITEMS = 100_000
+MAX_VALUE_CHARS = 1_000_000
+MAX_VALUE_DEPTH = 32
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few kB of key: value lines
+
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 80
+_SHOWN.maxlist = _SHOWN.maxtuple = _SHOWN.maxdict = _SHOWN.maxset = 6
+_SHOWN.maxlevel = 3
+
+
+def shown(value) -> str:
+    """A value as a message quotes it: at most a line, whatever its size (bounded work, too)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 1000:
+        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"  # its repr: slow or refused
+    try:
+        return _SHOWN.repr(value)
+    except ValueError:  # an int inside a list past Python's digit limit
+        return f"a {type(value).__name__}"
 
 
 @dataclass(frozen=True)
@@ -46,6 +73,13 @@ class Option:
     # the value of the method's paper (or the reference implementation's, where METHODS.md says so);
     # a run with another value records it in results.json `deviations` and in its label
     faithful: Any = NOT_DECLARED
+    # an upper bound that catches typos rather than describes the key (INT_CEILING for every integer
+    # key without a declared max); said in the range text as "and <= N"
+    sane_max: Optional[float] = None
+
+    def __post_init__(self):
+        if self.kind in INT_KINDS and self.max is None and self.sane_max is None:
+            object.__setattr__(self, "sane_max", INT_CEILING)
 
     def range_text(self) -> str:
         """The declared range in words ('> 0', 'in [0, 1)', ...); '' when unbounded."""
@@ -53,8 +87,11 @@ class Option:
                   for x in (self.min, self.max))
         if lo is not None and hi is not None:
             return f"in {'(' if self.min_open else '['}{lo}, {hi}{')' if self.max_open else ']'}"
+        sane = f" and <= {int(self.sane_max)}" if self.sane_max is not None and hi is None else ""
         if lo is not None:
-            return f"{'>' if self.min_open else '>='} {lo}"
+            return f"{'>' if self.min_open else '>='} {lo}{sane}"
+        if sane:
+            return sane[len(" and "):]
         if hi is not None:
             return f"{'<' if self.max_open else '<='} {hi}"
         return ""
@@ -64,11 +101,11 @@ class Option:
             return False
         if self.max is not None and (x >= self.max if self.max_open else x > self.max):
             return False
-        return True
+        return self.sane_max is None or x <= self.sane_max
 
 
 def _fail(key, want, value):
-    raise UserError(f"config key '{key}' must be {want}, got {value!r}; fix it in the YAML file or as {key}=VALUE")
+    raise UserError(f"config key '{key}' must be {want}, got {shown(value)}; fix it in the YAML file or as {key}=VALUE")
 
 
 def _as_int(key, v):
@@ -162,7 +199,8 @@ def coerce(key: str, opt: Option, v: Any) -> Any:
         for x in vals:
             if (x.lower() if isinstance(x, str) else x) not in opt.choices:
                 raise UserError(
-                    f"config key '{key}' must be one of {', '.join(map(str, opt.choices))}, got {x!r}{closest(x, opt.choices)}"
+                    f"config key '{key}' must be one of {', '.join(map(str, opt.choices))}, got {shown(x)}"
+                    f"{closest(x, opt.choices) if isinstance(x, str) and len(x) <= 100 else ''}"
                 )
         if isinstance(v, str):
             v = v.lower()
@@ -171,7 +209,7 @@ def coerce(key: str, opt: Option, v: Any) -> Any:
             _fail(key, "a non-empty list", v)
         if opt.unique and len(set(map(repr, v))) != len(v):
             _fail(key, "a list without repeated items", v)
-    if opt.min is not None or opt.max is not None:
+    if opt.min is not None or opt.max is not None or opt.sane_max is not None:
         for x in v if isinstance(v, list) else [v]:
             if isinstance(x, (int, float)) and not isinstance(x, bool) and not opt.in_range(x):
                 _fail(key, opt.range_text(), x)
@@ -202,11 +240,14 @@ OPTIONS: Dict[str, Option] = {
     "increment": Option("int_or_list", 2, "classes per later task, or the list of all task sizes", min=1,
                         nonempty=True),
     "shuffle": Option("bool", True, "shuffle the class order with the seed (ignored when class_order is set)"),
+    "shuffle_rule": Option("str", "numpy", "how shuffle draws the order: numpy (RandomState(seed).permutation, "
+                                           "PyCIL's) | coda (CODA-Prompt's: the natural order for seed 0, "
+                                           "random.seed(seed) + random.shuffle otherwise)", choices=("numpy", "coda")),
     "class_order": Option("int_list", None, "explicit class order (class ids)", min=0, nonempty=True,
                           unique=True),
     "seed": Option("int_or_list", 1993, "random seed, or a list: one run per seed", min=0,
                    max=2**32 - 1, nonempty=True, unique=True),
-    "epochs": Option("int", 10, "training epochs per task", min=1),
+    "epochs": Option("int", 10, "training epochs per task", min=1, sane_max=MAX_EPOCHS),
     "batch_size": Option("int", 32, "training batch size", min=1),
     "eval_batch_size": Option("int", 256, "evaluation batch size", min=1),
     "opt_type": Option("str", "sgd", "optimiser", choices=("sgd", "adam", "adamw")),
@@ -214,9 +255,9 @@ OPTIONS: Dict[str, Option] = {
     "weight_decay": Option("float", 5e-4, "weight decay", min=0.0),
     "opt_mom": Option("float", 0.9, "SGD momentum", min=0.0, max=1.0, max_open=True),
     "scheduler": Option("str", "multi_step", "learning-rate schedule", choices=("multi_step", "cos", "none")),
-    "milestones": Option("int_list", [], "epochs at which multi_step decays the rate", min=1),
+    "milestones": Option("int_list", [], "epochs at which multi_step decays the rate", min=1, sane_max=MAX_EPOCHS),
     "lrate_decay": Option("float", 0.1, "multi_step decay factor", min=0.0, min_open=True, max=1.0),
-    "init_epochs": Option("int", None, "epochs of the first task (default: epochs)", min=1),
+    "init_epochs": Option("int", None, "epochs of the first task (default: epochs)", min=1, sane_max=MAX_EPOCHS),
     "init_lrate": Option("float", None, "learning rate of the first task (default: lrate)", min=0.0,
                           min_open=True),
     "init_milestones": Option("int_list", None, "multi_step milestones of the first task (default: milestones)", min=1),
@@ -257,6 +298,10 @@ OPTIONS: Dict[str, Option] = {
                                         "weights, else dataset) | dataset (a seeded sample of the training set) | "
                                         "imagenet | none", choices=("auto", "dataset", "imagenet", "none")),
     "in_memory": Option("auto_bool", "auto", "hold decoded images in memory: auto | true | false"),
+    "max_image_pixels": Option("int", 178_956_970, "an image file of more pixels (width x height) is refused before "
+                                                   "it is decoded, a guard against decompression bombs (the default "
+                                                   "is Pillow's own refusal threshold); raise it for genuine large "
+                                                   "scans or slide tiles", min=1, max=2**40),
     "save_checkpoints": Option("bool", True, "write a checkpoint after every task"),
     "checkpoint_every": Option("int", 0, "also write a checkpoint inside a task every N epochs of each stage "
                                           "(0: only after each task and on SIGINT/SIGTERM)", min=0),
@@ -317,20 +362,115 @@ class Config(dict):
         return Config(copy.deepcopy(dict(self)))
 
 
+class _ValueTooLarge(Exception):
+    pass
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader whose merge keys (`<<: [*a, *a, ...]`, nested) cannot multiply a small file
+    into millions of entries: aliases are shared objects (check_value_size bounds their expansion),
+    but a merge copies its entries."""
+
+    def flatten_mapping(self, node):
+        super().flatten_mapping(node)
+        self.merged_entries = getattr(self, "merged_entries", 0) + len(node.value)
+        if self.merged_entries > MAX_VALUE_ITEMS:
+            raise _ValueTooLarge
+
+
+def load_yaml_text(text: str, what: str):
+    """YAML text -> Python values (plain data only), or one UserError line; `what` names the source
+    ("config file X", "override 'k=v'"). Deep nesting, merge-key and alias bombs are refused."""
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise UserError(f"{what} is not valid YAML{where}; fix its syntax") from None
+    except RecursionError:
+        raise UserError(f"{what} nests its values too deeply for a config (more than a few hundred levels); "
+                        "write plain key: value lines") from None
+    except _ValueTooLarge:
+        raise UserError(f"{what} expands its merge keys (<<) to more than {MAX_VALUE_ITEMS} entries; "
+                        "write the values out") from None
+    except ValueError as exc:  # an integer of more than 4300 digits: Python refuses to convert it
+        raise UserError(f"{what} holds a value YAML cannot convert ({' '.join(str(exc).split())[:100]}); "
+                        "fix it") from None
+    finally:
+        loader.dispose()
+
+
+def decode_config_bytes(raw: bytes, path) -> str:
+    """A config file's text: UTF-8 (a BOM allowed), or UTF-16/32 with a BOM (as Windows editors save it)."""
+    import codecs
+
+    for bom, encoding in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+                          (codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"),
+                          (codecs.BOM_UTF16_BE, "utf-16")):
+        if raw.startswith(bom):
+            break
+    else:
+        encoding = "utf-8"
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"config file {path} is not {encoding.upper().replace('-SIG', '')} text (byte "
+                        f"{exc.start}); save it as UTF-8") from None
+
+
+def check_value_size(value, what: str) -> None:
+    """Refuse a value of more than MAX_VALUE_ITEMS items, MAX_VALUE_CHARS characters or MAX_VALUE_DEPTH
+    levels, counting every use of a shared (aliased) part again: what formatting, comparing or hashing
+    the value would cost. Stops as soon as a bound is passed, so the check itself is bounded."""
+    stack, items, chars = [(value, 0)], 1, 0
+    while stack:
+        v, depth = stack.pop()
+        if depth > MAX_VALUE_DEPTH:
+            raise UserError(f"{what} nests more than {MAX_VALUE_DEPTH} levels deep; a config value is a number, "
+                            "a name or a short list")
+        if isinstance(v, (str, bytes)):
+            chars += len(v)
+        elif isinstance(v, int) and not isinstance(v, bool):
+            chars += v.bit_length() // 3
+        elif isinstance(v, dict):
+            items += 2 * len(v)
+            if items <= MAX_VALUE_ITEMS:
+                stack.extend((x, depth + 1) for kv in v.items() for x in kv)
+        elif isinstance(v, (list, tuple, set, frozenset)):
+            items += len(v)
+            if items <= MAX_VALUE_ITEMS:
+                stack.extend((x, depth + 1) for x in v)
+        if items > MAX_VALUE_ITEMS or chars > MAX_VALUE_CHARS:
+            raise UserError(f"{what} holds more than {MAX_VALUE_ITEMS} items or {MAX_VALUE_CHARS} characters "
+                            "(counting every use of a YAML alias); a config value is a number, a name or a short "
+                            "list")
+
+
+def check_mapping_values(data: dict, what: str) -> None:
+    for key, value in data.items():
+        check_value_size(key, f"a key of {what}")
+        check_value_size(value, f"config key {shown(key)} of {what}")
+
+
 def read_yaml(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {path} does not exist; give the path of a YAML file")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        line = getattr(getattr(exc, "problem_mark", None), "line", None)
-        where = f" at line {line + 1}" if line is not None else ""
-        raise UserError(f"config file {path} is not valid YAML{where}; fix its syntax") from exc
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise UserError(f"config file {path} cannot be read ({exc.strerror or exc}); check its permissions") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise UserError(f"config file {path} is larger than {MAX_CONFIG_BYTES // 1024} KiB; a config is a few kB of "
+                        "key: value lines: give the right file")
+    data = load_yaml_text(decode_config_bytes(raw, path), f"config file {path}")
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping of key: value, not a {type(data).__name__}")
+    check_mapping_values(data, f"config file {path}")
     return data
 
 
@@ -343,10 +483,17 @@ def parse_overrides(items: Iterable[str]) -> dict:
         key = key.strip()
         if not key:
             raise UserError(f"override '{item}' has no key; write key=value")
+        what = f"override {shown(item)}"
+        if len(item) > MAX_VALUE_CHARS:
+            raise UserError(f"{what} is longer than {MAX_VALUE_CHARS} characters; a config value is a number, "
+                            "a name or a short list")
         try:
-            out[key] = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            out[key] = raw
+            out[key] = load_yaml_text(raw, what) if raw.strip() else None
+        except UserError as exc:
+            if not str(exc).endswith("fix its syntax"):
+                raise  # nested too deeply, a merge-key or alias bomb: never kept as text
+            out[key] = raw  # not YAML: the text itself (a path with a colon, ...)
+        check_value_size(out[key], f"config key {shown(key)} of the command line")
     return out
 
 
@@ -368,6 +515,9 @@ def all_method_options() -> Dict[str, list]:
 
 def build_config(raw: dict, notices: Optional[list] = None) -> Config:
     """Validate a raw mapping: fill defaults, check types, reject unknown keys."""
+    if not isinstance(raw, dict):
+        raise UserError(f"a config must be a mapping of key: value, not a {type(raw).__name__}")
+    check_mapping_values(raw, "the config")  # bounded before any value is formatted, compared or copied
     raw = {ALIASES.get(k, k): v for k, v in raw.items()}
     from dynammo.methods import METHODS
 
@@ -388,7 +538,8 @@ def build_config(raw: dict, notices: Optional[list] = None) -> Config:
                 raise UserError(
                     f"config key '{key}' is not used by method '{method}' (it belongs to: {', '.join(owners[key])}); remove it"
                 )
-            raise UserError(f"unknown config key '{key}'{closest(key, known)}; see `dynammo list --keys`")
+            raise UserError(f"unknown config key {shown(key)}{closest(str(key)[:100], known)}; "
+                            "see `dynammo list --keys`")
         cfg[key] = coerce(key, known[key], value)
     cfg["method"] = method
     return cfg

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from dynammo.config import ALIASES, OPTIONS, coerce, parse_overrides, read_yaml
+from dynammo.config import ALIASES, OPTIONS, coerce, parse_overrides, read_yaml, shown
 from dynammo.errors import UserError
 from dynammo.registry import closest
 
@@ -38,7 +38,7 @@ DEFAULT_PROTOCOL, DEFAULT_METHOD = "digits", "dynammo"  # the embedded default: 
 PROTOCOL_KEYS = (
     "dataset", "backbone", "pretrained", "img_size", "normalize", "augment", "augment_crop", "test_crop",
     "keep_aspect",
-    "init_cls", "increment", "shuffle", "class_order", "seed", "test_fraction",
+    "init_cls", "increment", "shuffle", "shuffle_rule", "class_order", "seed", "test_fraction",
     "max_train_per_class", "max_test_per_class",
     "memory_size", "memory_per_class",
     "epochs", "init_epochs", "batch_size", "metric",
@@ -53,7 +53,7 @@ PROTOCOL_FILE_EXTRA = ("protocol", "data_root", "download", "in_memory", "num_wo
 UNHASHED = ("seed",)
 # Keys added after protocols were first hashed: part of the values (and the hash) only when set away
 # from their default, so a protocol that does not use them keeps the hash its earlier runs recorded.
-HASHED_WHEN_SET = ("augment_crop", "test_crop", "keep_aspect")
+HASHED_WHEN_SET = ("augment_crop", "test_crop", "keep_aspect", "shuffle_rule")
 
 
 @dataclass
@@ -204,9 +204,9 @@ def _report_protocol_keys(protocol: Layer, layer: Layer, notices: list) -> None:
         if key == "seed" and _seed_subset(value, theirs):
             continue  # running some of the protocol's seeds is still the protocol
         if value == theirs:
-            notices.append(f"note: {layer.label} repeats protocol key {key}={value!r} of protocol {name}")
+            notices.append(f"note: {layer.label} repeats protocol key {key}={shown(value)} of protocol {name}")
         else:
-            notices.append(f"note: {layer.label} sets protocol key {key}={value!r} (protocol {name}: {theirs!r}); "
+            notices.append(f"note: {layer.label} sets protocol key {key}={shown(value)} (protocol {name}: {shown(theirs)}); "
                            f"this run departs from protocol {name}, and results.json says so")
 
 
