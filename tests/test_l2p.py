@@ -67,9 +67,9 @@ def test_registered_with_the_papers_defaults_and_alias():
         ("after_cls", "prompt", False, "prompt_tuning", 1.0)
     pool = m.net.prompts
     assert pool.prompts.shape == (10, 5, 32) and pool.keys.shape == (10, 32)
-    # U(-1, 1) (L2P-pytorch): the range is used, not a small interval
+    # U(0, 1) (L2P-pytorch's nn.init.uniform_): the range is used, not a small interval
     for p in (pool.prompts, pool.keys):
-        assert p.min() >= -1 and p.max() <= 1 and p.min() < -0.9 and p.max() > 0.9
+        assert p.min() >= 0 and p.max() <= 1 and p.min() < 0.1 and p.max() > 0.9
     jax = PromptPool(10, 5, 32, "jax")
     assert jax.prompts.min() >= 0 and jax.prompts.max() < 0.01 and jax.keys.max() < 0.01
     # only the no-weights line at the paper's settings; every other value is recorded

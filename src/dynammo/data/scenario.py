@@ -5,6 +5,7 @@ on; `class_order[k]` is the dataset's class id of remapped label k.
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -50,13 +51,22 @@ def task_sizes(num_classes: int, init_cls: int, increment) -> List[int]:
     return [init_cls] + [increment] * (rest // increment)
 
 
-def make_class_order(num_classes: int, class_order: Optional[Sequence[int]], shuffle: bool, seed: int) -> List[int]:
+def make_class_order(num_classes: int, class_order: Optional[Sequence[int]], shuffle: bool, seed: int,
+                     rule: str = "numpy") -> List[int]:
+    """The class order: an explicit one, the natural one, or shuffled by the seed. rule numpy: numpy's
+    RandomState(seed).permutation (PyCIL's); coda: CODA-Prompt's trainer.py, the natural order for seed 0
+    and Python's random.seed(seed) + random.shuffle otherwise."""
     if class_order is not None:
         if sorted(class_order) != list(range(num_classes)):
             raise UserError(
                 f"class_order must list each class id 0..{num_classes - 1} exactly once, got {list(class_order)}"
             )
         return list(class_order)
+    if shuffle and rule == "coda":
+        order = list(range(num_classes))
+        if seed > 0:
+            random.Random(seed).shuffle(order)  # the same draws as random.seed(seed); random.shuffle(order)
+        return order
     if shuffle:
         return np.random.RandomState(seed).permutation(num_classes).tolist()
     return list(range(num_classes))
@@ -82,7 +92,7 @@ class Scenario:
         if data.stream_sizes is not None:  # dataset-per-task stream: one task per dataset, order kept
             return cls(data.train, data.test, data.class_names, list(range(n)), data.stream_sizes)
         sizes = task_sizes(n, cfg.init_cls, cfg.increment)
-        order = make_class_order(n, cfg.class_order, cfg.shuffle, seed)
+        order = make_class_order(n, cfg.class_order, cfg.shuffle, seed, cfg.get("shuffle_rule", "numpy"))
         return cls(data.train, data.test, data.class_names, order, sizes)
 
     def __len__(self) -> int:

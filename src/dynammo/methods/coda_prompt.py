@@ -35,10 +35,11 @@ Where the official code (GT-RIPL/CODA-Prompt) differs from the paper, and what i
   even when those are no longer orthogonal to each other (the official classical Gram-Schmidt
   subtracts projections onto the old rows one by one, which is exact only for orthogonal old rows).
   Both draw from a generator seeded from the run's seed (and the task), never the global RNG.
-- Orthogonality weight `ortho_mu`: 0.1 in the paper and its scripts (the default). The paper-time
-  code (22948d2) also multiplies the penalty by 1e-6 inside `ortho_penalty` (an effective weight of
-  1e-7; `ortho_mu=1e-7` reproduces it); the current code drops that factor and its scripts use 0.0
-  ("with updated code, now can be 0").
+- Orthogonality weight `ortho_mu`: the paper and its scripts say 0.1, but the paper-time code (22948d2)
+  multiplies the penalty by 1e-6 inside `ortho_penalty`, so the published numbers were made with an
+  effective weight of 0.1 x 1e-6 = 1e-7: the default (`ortho_mu=0.1` is the paper's text without the
+  factor, 10^6 times stronger, run by neither code); the current code drops the factor and its scripts
+  use 0.0 ("with updated code, now can be 0").
 - M must be a multiple of the number of tasks (the official code floors M / T and leaves the rest
   unused; here that is an error) and at most the width D (orthogonal keys; the official
   Gram-Schmidt cannot make more than D orthogonal rows and restarts on the near-zero remainder).
@@ -46,12 +47,11 @@ Where the official code (GT-RIPL/CODA-Prompt) differs from the paper, and what i
 
 Recipe of the paper (CIFAR-100 and ImageNet-R, 10 tasks): Adam (0.9, 0.999), lrate 1e-3, no weight
 decay, batch 128, 20 (CIFAR) / 50 (ImageNet-R) epochs, this cosine schedule, no gradient clipping,
-M = 100, Lp = 8, mu = 0.1; ViT-B/16 IN-21k pretrained, IN-1k fine-tuned.
+M = 100, Lp = 8, mu = 0.1 x 1e-6; ViT-B/16 IN-21k pretrained, IN-1k fine-tuned.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -60,10 +60,9 @@ import torch.nn.functional as F
 
 from dynammo.config import Option
 from dynammo.data.scenario import Task
-from dynammo.engine import OptimSettings
 from dynammo.errors import UserError
 from dynammo.methods import METHODS
-from dynammo.methods.prompt_base import PROMPT_OPTIONS, PromptMethod
+from dynammo.methods.prompt_base import PROMPT_OPTIONS, CodaCosine, PromptMethod, coda_cosine_factor  # noqa: F401
 from dynammo.models.prompting import prefixed_features
 
 CODA_OPTIONS: Dict[str, Option] = {
@@ -76,16 +75,15 @@ CODA_OPTIONS: Dict[str, Option] = {
                             min=2, faithful=8),
     "prompt_layers": Option("int_list", [0, 1, 2, 3, 4], "ViT blocks that get a prefix",
                             min=0, nonempty=True, unique=True, faithful=[0, 1, 2, 3, 4]),
-    "ortho_mu": Option("float", 0.1, "weight of the orthogonality penalty on K, A and P (the paper's 0.1; the "
-                                     "current official scripts use 0)", min=0.0, faithful=0.1),
+    "ortho_mu": Option("float", 1e-7, "weight of the orthogonality penalty on K, A and P (1e-7: the paper's 0.1 "
+                                      "times the 1e-6 its code applied, the weight behind the published numbers; "
+                                      "0.1 without that factor; the current official scripts use 0)",
+                       min=0.0, faithful=1e-7),
     "component_init": Option("str", "orthogonal",
                              "gram_schmidt (the current official code: each task's rows drawn at its start, "
                              "orthogonal to every earlier row) | orthogonal (the paper: all rows orthogonal "
                              "at the start)", choices=("gram_schmidt", "orthogonal"), faithful="orthogonal"),
-    "coda_schedule": Option("str", "coda_cos", "learning-rate schedule of the prompt training: coda_cos "
-                                               "(lrate cos(99 pi e / (200 (E-1))) per epoch, CODA's) | config "
-                                               "(the framework's `scheduler` key)",
-                            choices=("coda_cos", "config"), faithful="coda_cos"),
+    "coda_schedule": dataclasses.replace(PROMPT_OPTIONS["coda_schedule"], default="coda_cos", faithful="coda_cos"),
 }
 
 
@@ -265,9 +263,6 @@ class CODAPrompt(PromptMethod):
         prompts: CodaPrompts = self.net.prompts
         return prompts.task_parameters(prompts.num_tasks - 1) + list(self.net.head.parameters())
 
-    def optim_settings(self, task: Task) -> OptimSettings:
-        settings = super().optim_settings(task)
-        return settings if self.cfg.coda_schedule == "config" else CodaCosine(**vars(settings))
 
 
 def check_components(components: int, tasks: int, dim: int) -> None:
@@ -281,15 +276,3 @@ def check_components(components: int, tasks: int, dim: int) -> None:
                         f"components={fit} (a multiple of the {tasks} tasks)")
 
 
-def coda_cosine_factor(epoch: int, epochs: int) -> float:
-    """CODA's schedule: cos(99 pi e / (200 (E - 1))) (E = 1: 1)."""
-    return math.cos(99 * math.pi * epoch / (200 * max(epochs - 1, 1)))
-
-
-@dataclasses.dataclass
-class CodaCosine(OptimSettings):
-    """OptimSettings with CODA's per-epoch cosine schedule instead of the configured one."""
-
-    def schedule(self, opt):
-        epochs = self.epochs
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda e: coda_cosine_factor(e, epochs))

@@ -20,8 +20,10 @@ A frozen ViT and a pool of M learnable prompts P_m (Lp x D), each with a learnab
   author's reply in google-research/l2p#10) and the default; the CVPR code, L2P-pytorch and PILOT use
   0.1, the later JAX release 1.0 (`pull_weight`).
 - Defaults M=10, Lp=5, N=5 (the paper's CIFAR-100 setting). Prompts and keys are initialised
-  U(-1, 1) as in L2P-pytorch (`prompt_init=uniform`); the JAX code's flax `uniform()` is U[0, 0.01)
-  (`prompt_init=jax`). The head is PyTorch's default-initialised linear layer (L2P-pytorch; the JAX
+  U(0, 1) as in L2P-pytorch (`nn.init.uniform_` of prompt.py, `prompt_init=pytorch`); the JAX code's
+  flax `uniform()` is U[0, 0.01) (`prompt_init=jax`); `symmetric` is U(-1, 1), DualPrompt-pytorch's
+  init (dynammo's L2P default before issue 22). Both official inits are all-positive, so the keys
+  start nearly parallel and the first selections differ from a symmetric init's. The head is PyTorch's default-initialised linear layer (L2P-pytorch; the JAX
   code starts it at zero).
 - Recipe of the official CIFAR-100 code: Adam (0.9, 0.999) without weight decay, constant learning rate
   0.03 x batch / 256, 5 epochs per task, gradient-norm clipping at 1.0 (`prompt_grad_clip`, default
@@ -85,9 +87,10 @@ L2P_OPTIONS = {
                                               "among the samples' top-N), as the official CIFAR-100 config; it "
                                               "also votes at test, which leaks the task identity and is never "
                                               "done here (selection at test is per sample)", faithful=False),
-    "prompt_init": Option("str", "uniform", "initialisation of prompts and keys: uniform (U(-1, 1), L2P-pytorch) "
-                                            "| jax (U[0, 0.01), the JAX code's flax uniform)",
-                          choices=("uniform", "jax")),
+    "prompt_init": Option("str", "pytorch", "initialisation of prompts and keys: pytorch (U(0, 1), L2P-pytorch's "
+                                            "nn.init.uniform_) | jax (U[0, 0.01), the JAX code's flax uniform) | "
+                                            "symmetric (U(-1, 1), DualPrompt-pytorch's; dynammo's default before)",
+                          choices=("pytorch", "jax", "symmetric"), faithful="pytorch"),
     "l2p_variant": Option("str", "prompt_tuning", "prompt_tuning (the paper: prompts inserted at the input) | "
                                                   "prefix (L2P++ of the CODA-Prompt repository and the reference "
                                                   "framework, a different method: the selected prompts as "
@@ -125,14 +128,17 @@ def pull_term(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return scores.gather(1, ids).sum() / scores.shape[0]
 
 
+INIT_RANGES = {"pytorch": (0.0, 1.0), "jax": (0.0, 0.01), "symmetric": (-1.0, 1.0)}  # U(low, high) per prompt_init
+
+
 class PromptPool(nn.Module):
     """M prompts (M, Lp, D) and their keys (M, D)."""
 
-    def __init__(self, pool_size: int, length: int, dim: int, init: str = "uniform"):
+    def __init__(self, pool_size: int, length: int, dim: int, init: str = "pytorch"):
         super().__init__()
         self.prompts = nn.Parameter(torch.empty(pool_size, length, dim))
         self.keys = nn.Parameter(torch.empty(pool_size, dim))
-        low, high = (-1.0, 1.0) if init == "uniform" else (0.0, 0.01)
+        low, high = INIT_RANGES[init]
         with torch.no_grad():
             self.prompts.uniform_(low, high)
             self.keys.uniform_(low, high)

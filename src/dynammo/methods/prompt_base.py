@@ -17,6 +17,8 @@ task while training, None at test) with its extra loss term.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -40,7 +42,25 @@ PROMPT_OPTIONS: Dict[str, Option] = {
     "prompt_grad_clip": Option("float", None, "clip the gradient norm of the prompts and head to this value "
                                               "(L2P and DualPrompt's official recipes: 1.0; unset: no clipping)",
                                min=0.0, min_open=True),
+    "coda_schedule": Option("str", "config", "learning-rate schedule of the prompt training: coda_cos "
+                                             "(lrate cos(99 pi e / (200 (E-1))) per epoch, CODA-Prompt's, which its "
+                                             "re-implementations of L2P and DualPrompt also use) | config (the "
+                                             "framework's `scheduler` key)", choices=("coda_cos", "config")),
 }
+
+
+def coda_cosine_factor(epoch: int, epochs: int) -> float:
+    """CODA-Prompt's schedule (utils/schedulers.py): cos(99 pi e / (200 (E - 1))) (E = 1: 1)."""
+    return math.cos(99 * math.pi * epoch / (200 * max(epochs - 1, 1)))
+
+
+@dataclasses.dataclass
+class CodaCosine(OptimSettings):
+    """OptimSettings with CODA's per-epoch cosine schedule instead of the configured one."""
+
+    def schedule(self, opt):
+        epochs = self.epochs
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda e: coda_cosine_factor(e, epochs))
 
 
 class PromptNet(FrozenBackboneNet):
@@ -129,8 +149,9 @@ class PromptMethod(Method):
                         stage="prompts", before_step=before_step)
 
     def optim_settings(self, task: Task) -> OptimSettings:
-        """How the prompts and the head train in `task` (CODA-Prompt swaps in its own schedule)."""
-        return OptimSettings.from_config(self.cfg, first_task=task.id == 0)
+        """How the prompts and the head train in `task`: CODA-Prompt's schedule where coda_schedule says so."""
+        settings = OptimSettings.from_config(self.cfg, first_task=task.id == 0)
+        return settings if self.cfg.coda_schedule == "config" else CodaCosine(**vars(settings))
 
     def step(self, batch: Batch):
         task = self.current_task
