@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dynammo.config import build_config
 from dynammo.methods import METHODS
 from dynammo.methods.podnet import nca_loss, pod_factor, pod_flat_loss, pod_pool, pod_spatial_loss
 from dynammo.models.cosine import CosineClassifier, aggregate_proxies, imprinted_weights
@@ -75,11 +76,42 @@ def test_nca_loss_on_hand_made_similarities():
     assert nca_loss(s, y, torch.tensor(eta), delta).item() == pytest.approx(want, rel=1e-6)
 
 
-def test_nca_scale_gradient_ignores_the_margin_term():
+def test_nca_scale_gradient_ignores_the_margin_term_in_the_stable_variant():
     s = torch.tensor([[0.3, 0.1]])  # margin not met: the paper's eta gradient would push eta down
     eta = torch.tensor(1.0, requires_grad=True)
-    nca_loss(s, torch.tensor([0]), eta, 0.6).backward()
+    nca_loss(s, torch.tensor([0]), eta, 0.6, "stable").backward()
     assert eta.grad.item() == pytest.approx(0.1 - 0.3)  # d/deta [eta * 0.1 - eta * 0.3]: eta grows
+
+
+def test_nca_paper_variant_is_eq_7_with_its_full_gradient_and_the_default():
+    s = torch.tensor([[0.3, 0.1]])
+    eta = torch.tensor(1.0, requires_grad=True)
+    loss = nca_loss(s, torch.tensor([0]), eta, 0.6)
+    assert loss.item() == pytest.approx(0.1 - (0.3 - 0.6))  # log exp(eta 0.1) - eta (0.3 - 0.6)
+    loss.backward()
+    assert eta.grad.item() == pytest.approx(0.1 - 0.3 + 0.6)  # the margin term pushes eta down
+    cfg = build_config({"method": "podnet"})
+    assert cfg.nca_variant == "paper" and not any("NCA" in d for d in METHODS.get("podnet").deviations(cfg))
+    stable = build_config({"method": "podnet", "nca_variant": "stable"})
+    assert METHODS.get("podnet").label(stable) == "podnet [nca_variant=stable]"
+    assert any(d.startswith("nca_variant=stable instead of the paper's paper") for d in
+               METHODS.get("podnet").deviations(stable))
+
+
+def test_nca_code_variant_is_the_released_loss():
+    s = torch.tensor([[0.9, 0.1, -0.2], [0.5, 0.4, 0.0]])
+    y = torch.tensor([0, 1])
+    eta, delta = 2.0, 0.6
+    want = []
+    for row, t in zip(s.tolist(), y.tolist()):
+        z = [eta * (v - delta) for v in row]  # the margin subtracted from every similarity
+        z = [v - max(z) for v in z]
+        denominator = sum(math.exp(0.0 if c == t else v) for c, v in enumerate(z))  # target slot: exp(0)
+        want.append(-(z[t] - math.log(denominator)))  # no hinge
+    got = nca_loss(s, y, torch.tensor(eta), delta, "code")
+    assert got.item() == pytest.approx(sum(want) / 2, rel=1e-6)
+    # the margin cancels: the same loss for any margin
+    assert nca_loss(s, y, torch.tensor(eta), 0.0, "code").item() == pytest.approx(got.item(), rel=1e-6)
 
 
 def test_pod_spatial_pools_width_and_height_by_hand():

@@ -6,10 +6,11 @@ Outputs Distillation for Small-Tasks Incremental Learning", ECCV 2020).
   backbone's last ReLU is removed (`last_relu=false`): the authors' network feeds the classifier
   and POD-flat the pre-activation embedding.
 - NCA loss with margin (Eq. 7): [-log( exp(eta (y_y - delta)) / sum_{c != y} exp(eta y_c) )]_+ with
-  delta = 0.6 and a learned scale eta (init 1). The released code subtracts the margin from every
-  similarity (so it cancels) and has no hinge; this is the paper's equation, except that the
-  gradient to eta skips the constant margin term (see `nca_loss`: otherwise eta collapses through
-  zero on two-class tasks).
+  delta = 0.6 and a learned scale eta (init 1), `nca_variant`: `paper` (the default) is Eq. 7 with its
+  full gradient; `stable` is its value with the gradient to eta skipping the constant margin term
+  (with the paper's gradient eta can collapse through zero on two-class tasks, see `nca_loss`); `code`
+  is the released code's `nca` (the margin subtracted from every similarity, so it cancels; the
+  target's entry of the denominator set to 0 after the max shift, i.e. one exp(0) term; no hinge).
 - POD-spatial (Eqs. 2-4) on the output of every residual stage: each map is squared (as in the
   authors' code), sum-pooled over the width and over the height, the two concatenated and
   L2-normalised per sample; the loss is the L2 distance between old and new model, averaged over the
@@ -42,18 +43,33 @@ from dynammo.methods.ucir import CosineRehearsal, build_cosine_net
 from dynammo.models.cosine import CosineNet, imprinted_weights
 
 
-def nca_loss(similarities: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, margin: float) -> torch.Tensor:
+NCA_VARIANTS = ("paper", "stable", "code")
+
+
+def nca_loss(similarities: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, margin: float,
+             variant: str = "paper") -> torch.Tensor:
     """Mean over the batch of [ -eta (s_y - margin) + log sum_{c != y} exp(eta s_c) ]_+ (PODNet Eq. 7).
 
-    The value is the paper's. Only the gradient reaching the learned scale eta skips the constant
-    -eta * margin term: with it, eta shrinks whenever the margin is not met yet, which is always the
-    case early on, and on two-class tasks it crosses zero and the classifier inverts (seen on digits:
-    eta -> -5, 13 % accuracy). Without it eta learns as a plain NCA temperature."""
+    paper: Eq. 7 and its full gradient. stable: the same value, but the gradient reaching the learned
+    scale eta skips the constant -eta * margin term: with it, eta shrinks whenever the margin is not
+    met yet, which is always the case early on, and on two-class tasks it can cross zero and the
+    classifier inverts (seen on digits: eta -> -5, 13 % accuracy); without it eta learns as a plain
+    NCA temperature. code: the released code's loss, -z_y + log(1 + sum_{c != y} exp(z_c)) with
+    z = eta (s - margin) - max_c eta (s_c - margin): the margin cancels, the target's slot of the
+    denominator holds exp(0), no hinge."""
     if similarities.shape[1] < 2:  # one class seen: nothing to separate it from
         return similarities.sum() * 0.0
     z = scale * similarities.float()
-    target = z.gather(1, y.unsqueeze(1)).squeeze(1) - scale.detach() * margin
-    others = z.masked_fill(F.one_hot(y, z.shape[1]).bool(), float("-inf"))
+    onehot = F.one_hot(y, z.shape[1]).bool()
+    if variant == "code":
+        z = z - scale * margin
+        z = z - z.max(dim=1, keepdim=True).values
+        target = z.gather(1, y.unsqueeze(1)).squeeze(1)
+        denominator = torch.logsumexp(z.masked_fill(onehot, 0.0), dim=1)
+        return (denominator - target).mean()
+    shift = (scale.detach() if variant == "stable" else scale) * margin
+    target = z.gather(1, y.unsqueeze(1)).squeeze(1) - shift
+    others = z.masked_fill(onehot, float("-inf"))
     return F.relu(torch.logsumexp(others, dim=1) - target).mean()
 
 
@@ -88,6 +104,10 @@ class PODNet(CosineRehearsal):
                                  min=0.0),
         "lambda_flat": Option("float", 1.0, "POD-flat weight (times sqrt(n_seen / n_new))", min=0.0),
         "nca_margin": Option("float", 0.6, "NCA loss margin delta", min=0.0),
+        "nca_variant": Option("str", "paper", "NCA loss: paper (Eq. 7, full gradient) | stable (Eq. 7's value, the "
+                                              "gradient to the scale eta without the margin term, so eta cannot "
+                                              "collapse through zero on small tasks) | code (the released code: the "
+                                              "margin cancels, no hinge)", choices=NCA_VARIANTS, faithful="paper"),
         "last_relu": Option("bool", False, "keep the ReLU at the end of the backbone (the authors' network has none)"),
         "proxy_init": Option("str", "kmeans", "new proxies of tasks t >= 1: kmeans (imprinted from k-means of the "
                                               "class's normalised features) | random", choices=("kmeans", "random")),
@@ -109,8 +129,6 @@ class PODNet(CosineRehearsal):
     @classmethod
     def deviations(cls, cfg) -> List[str]:
         return super().deviations(cfg) + [
-            "NCA: the gradient to the learned scale eta skips the margin term (the paper's Eq. 7 otherwise; "
-            "with it eta collapses through zero on small tasks)",
             "POD-flat is 1 - cos(h_old, h_new) as the authors' code (the paper writes an L2 distance)",
         ]
 
@@ -158,7 +176,7 @@ class PODNet(CosineRehearsal):
     def step(self, batch: Batch):
         features, stages = self.net.backbone(batch.x, return_stages=True)
         sims = self.net.head.similarities(features)
-        loss = nca_loss(sims, batch.y, self.net.head.scale, self.cfg.nca_margin)
+        loss = nca_loss(sims, batch.y, self.net.head.scale, self.cfg.nca_margin, self.cfg.nca_variant)
         if self.old_backbone is not None:
             loss = loss + self.distillation(batch.x, features, stages)
         return loss, sims, batch.y
@@ -177,7 +195,8 @@ class PODNet(CosineRehearsal):
             with torch.no_grad():
                 features = self.net.backbone(batch.x)
             sims = head.similarities(features)
-            return nca_loss(sims, batch.y, head.scale.detach(), self.cfg.nca_margin), sims, batch.y
+            loss = nca_loss(sims, batch.y, head.scale.detach(), self.cfg.nca_margin, self.cfg.nca_variant)
+            return loss, sims, batch.y
 
         self.engine.fit(list(head.blocks), data, loss, OptimSettings.from_config(self.cfg, "_finetune"),
                         stage="balanced", before_step=self.clamp_gradients)
