@@ -17,7 +17,8 @@ Learning", NeurIPS 2023).
   (`ranpac_lambdas`), and the lambda with the lowest mean squared error of the one-hot targets on
   the 20% part wins (`ranpac_ridge_criterion: mse`; `accuracy` takes the highest validation
   accuracy instead, the first of the grid on ties). The grid search uses one eigendecomposition of
-  the 80% part's Gram matrix for all lambdas; the final W is one linear solve.
+  the 80% part's Gram matrix (or of its kernel matrix, when the task has fewer images than M) for
+  all lambdas; the final W is one linear solve.
 - G and Q are accumulated and solved in float64 on the CPU (the paper's code: float32), so the
   result does not depend on the order of the tasks' sums beyond float64 rounding. They are kept
   between tasks (in every task checkpoint: 8 (M^2 + M C) bytes, 800 MB for G at M = 10,000), reported
@@ -61,15 +62,19 @@ def ridge_solution(gram: torch.Tensor, class_sums: torch.Tensor, lam: float) -> 
 def validation_scores(h_fit: torch.Tensor, y_fit: torch.Tensor, h_val: torch.Tensor, y_val: torch.Tensor,
                       lambdas: Sequence[float], n_classes: int) -> dict:
     """Per lambda, the ridge fitted on (h_fit, y_fit) scored on (h_val, y_val): {"mse": [...],
-    "accuracy": [...] (percent)}. One eigendecomposition G = V diag(e) V^T serves every lambda:
-    W(lambda) = V diag(1 / (e + lambda)) V^T Q."""
+    "accuracy": [...] (percent)}. One eigendecomposition serves every lambda: of G = H^T H = V diag(e) V^T,
+    W(lambda) = V diag(1 / (e + lambda)) V^T Q; or, with fewer images than features, of the kernel
+    K = H H^T = U diag(e) U^T, W(lambda) = H^T U diag(1 / (e + lambda)) U^T Y (the same W)."""
     h_fit, h_val = h_fit.double(), h_val.double()
     onehot_fit = F.one_hot(y_fit, n_classes).double()
     onehot_val = F.one_hot(y_val, n_classes).double()
-    e, v = torch.linalg.eigh(h_fit.T @ h_fit)
+    if len(h_fit) < h_fit.shape[1]:
+        e, u = torch.linalg.eigh(h_fit @ h_fit.T)
+        a, b = u.T @ onehot_fit, (h_val @ h_fit.T) @ u
+    else:
+        e, v = torch.linalg.eigh(h_fit.T @ h_fit)
+        a, b = v.T @ (h_fit.T @ onehot_fit), h_val @ v
     e = e.clamp_min(0.0)  # a Gram matrix is positive semi-definite; drop rounding below 0
-    a = v.T @ (h_fit.T @ onehot_fit)  # V^T Q
-    b = h_val @ v
     mse, acc = [], []
     for lam in lambdas:
         pred = b @ (a / (e + lam)[:, None])
