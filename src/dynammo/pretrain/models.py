@@ -3,7 +3,10 @@
 - SimSiam (Chen & He, CVPR 2021, sec. 4): the encoder f = backbone + projection MLP (every fc
   followed by BN, ReLU after all but the output fc; 3 fc layers for ImageNet, 2 in the paper's CIFAR
   runs) and the prediction MLP h (fc 2048 -> 512 with BN and ReLU, then fc 512 -> 2048 without BN
-  or ReLU). Both views go through f and h with gradients; the loss stops the gradient at z.
+  or ReLU). Both views go through f and h with gradients; the loss stops the gradient at z. As the
+  authors' builder.py: the projector's output BN has no affine parameters, and the encoder is built
+  with `zero_init_residual=True` (the last BN of every residual block starts at weight 0, so each
+  block starts as its shortcut).
 - MoCo-v2 (Chen, Fan, Girshick & He, arXiv 2003.04297): the query encoder = backbone + a 2-layer
   MLP head (fc -> ReLU -> fc to 128 d), l2-normalised; the key encoder is a copy updated as a moving
   average (never by the optimiser); keys come from a queue of earlier batches. Shuffling BN (MoCo,
@@ -22,18 +25,35 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from dynammo.models.backbones import _CifarBlock
 from dynammo.pretrain.losses import KeyQueue, info_nce, momentum_update_, simsiam_loss
 
 
-def projection_mlp(in_dim: int, dim: int, layers: int) -> nn.Sequential:
+def projection_mlp(in_dim: int, dim: int, layers: int, affine_output: bool = True) -> nn.Sequential:
+    """fc-BN(-ReLU) layers; affine_output=False: the last BN only standardises (SimSiam's builder.py)."""
     mods: List[nn.Module] = []
     d = in_dim
     for i in range(layers):
-        mods += [nn.Linear(d, dim, bias=False), nn.BatchNorm1d(dim)]
-        if i < layers - 1:
+        last = i == layers - 1
+        mods += [nn.Linear(d, dim, bias=False), nn.BatchNorm1d(dim, affine=affine_output or not last)]
+        if not last:
             mods.append(nn.ReLU(inplace=True))
         d = dim
     return nn.Sequential(*mods)
+
+
+def zero_init_residual_(network: nn.Module) -> int:
+    """torchvision's zero_init_residual on any ResNet of the registry: the weight of the last BN of every
+    residual block set to 0 (Goyal et al. 2017). Returns the number of blocks changed."""
+    changed = 0
+    for m in network.modules():
+        bn = m.bn3 if isinstance(m, Bottleneck) else m.bn2 if isinstance(m, (BasicBlock, _CifarBlock)) else None
+        if bn is not None and bn.weight is not None:
+            nn.init.zeros_(bn.weight)
+            changed += 1
+    return changed
 
 
 def prediction_mlp(dim: int, hidden: int) -> nn.Sequential:
@@ -43,10 +63,13 @@ def prediction_mlp(dim: int, hidden: int) -> nn.Sequential:
 
 class SimSiam(nn.Module):
     def __init__(self, backbone: nn.Module, proj_dim: int = 2048, proj_layers: int = 3, pred_dim: int = 512,
-                 stop_gradient: bool = True):
+                 stop_gradient: bool = True, zero_init_residual: bool = True):
+        """zero_init_residual: as builder.py's encoder (off for a backbone that starts from weights)."""
         super().__init__()
         self.backbone = backbone
-        self.projector = projection_mlp(backbone.out_dim, proj_dim, proj_layers)
+        if zero_init_residual:
+            zero_init_residual_(backbone)
+        self.projector = projection_mlp(backbone.out_dim, proj_dim, proj_layers, affine_output=False)
         self.predictor = prediction_mlp(proj_dim, pred_dim)
         self.stop_gradient = stop_gradient
 

@@ -128,7 +128,7 @@ class Pretraining:
         backbone = build_backbone(cfg.backbone, cfg.pretrained, **backbone_kwargs(cfg, _Images(self.data.images)))
         if cfg.ssl_method == "simsiam":
             self.model = SimSiam(backbone, cfg.simsiam_proj_dim, cfg.simsiam_proj_layers, cfg.simsiam_pred_dim,
-                                 cfg.simsiam_stop_gradient)
+                                 cfg.simsiam_stop_gradient, zero_init_residual=not cfg.pretrained)
         else:
             self.model = MoCoV2(backbone, cfg.moco_queue, cfg.moco_dim, cfg.moco_hidden_dim, cfg.moco_momentum,
                                 cfg.moco_temperature, cfg.moco_bn_groups, torch.Generator().manual_seed(seed))
