@@ -98,6 +98,16 @@ def methods_tuned_for(protocol: str) -> List[str]:
     return sorted(p.parent.name for p in METHOD_DIR.glob(f"*/{protocol}.yaml"))
 
 
+def untuned_reason(cfg) -> Optional[str]:
+    """Why a run under a shipped protocol trains with the framework's generic optimiser settings (no
+    `configs/methods/<method>/<protocol>.yaml` ships its paper's settings for that protocol), else None."""
+    protocol, method = cfg.get("protocol"), cfg.get("method")
+    if protocol not in protocol_names() or (METHOD_DIR / str(method) / f"{protocol}.yaml").is_file():
+        return None
+    return (f"no method file configs/methods/{method}/{protocol}.yaml: {method} ran under protocol {protocol} with "
+            "the generic optimiser and schedule (and any keys given), not settings tuned for it")
+
+
 def check_protocol_values(values: dict, label: str) -> None:
     """A protocol holds only what must be equal across methods."""
     allowed = set(PROTOCOL_KEYS) | set(PROTOCOL_FILE_EXTRA)

@@ -221,4 +221,6 @@ def run_identity_lines(results: dict) -> List[str]:
                                                       for k, v in departs.items())
     out = [f"{results.get('label', results['method'])}: {line}"]
     out += [f"deviation: {d}" for d in results.get("deviations") or []]
+    if results.get("untuned"):
+        out.append(f"untuned: {results.get('untuned_reason')}")
     return out

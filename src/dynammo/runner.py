@@ -27,7 +27,7 @@ from dynammo.metrics import OPENSET_KEYS, ContinualMetrics, accuracy, task_il_pr
 from dynammo.methods import METHODS
 from dynammo.methods.base import check_eval_mode
 from dynammo.openset import expected_calibration_error, known_score, open_set_metrics
-from dynammo.protocols import protocol_record
+from dynammo.protocols import untuned_reason, protocol_record
 from dynammo.report import MutedWriter, RunWriter, check_run_dir, format_table, make_plots, versions
 from dynammo.signals import handling_stop_signals
 from dynammo.io import write_json_atomic
@@ -218,6 +218,7 @@ class Progress:
         results = {
             "method": cfg.method, "label": method_cls.label(cfg), "protocol": protocol_record(cfg),
             "metric": cfg.metric, "deviations": method_cls.deviations(cfg), "budget": [],
+            "untuned": untuned_reason(cfg) is not None, "untuned_reason": untuned_reason(cfg),
             "dataset": "+".join(data.names), "data_split": data.split_text(),
             "class_counts": {"train": [c[1] for c in counts], "test": [c[2] for c in counts]},
             "backbone": cfg.backbone, "seed": cfg.seed,

@@ -116,10 +116,12 @@ class Row:
     deviations: List[str] = field(default_factory=list)
     budget: str = ""
     best: List[str] = field(default_factory=list)  # keys of the columns where this row is best
+    untuned: bool = False  # a run trained with the generic optimiser: no method file for this protocol
 
     @property
     def name(self) -> str:
-        return self.label if self.classifier is None else f"{self.label}, {self.classifier} classifier (extra)"
+        name = self.label if self.classifier is None else f"{self.label}, {self.classifier} classifier (extra)"
+        return name + (" [untuned]" if self.untuned else "")
 
     @property
     def seeds(self) -> list:
@@ -186,6 +188,7 @@ def _row(label: str, runs: List[Run], classifier: Optional[str]) -> Row:
     for col in COLUMNS:
         row.stats[col.key] = mean_std([GETTERS[col.key](row.metrics_of(r), r.results) for r in runs])
     row.deviations = list(dict.fromkeys(d for r in runs for d in (r.results.get("deviations") or [])))
+    row.untuned = any(r.results.get("untuned") for r in runs)
     budgets = list(dict.fromkeys(budget_text(r.results) for r in runs))
     row.budget = budgets[0] if len(budgets) == 1 else " | ".join(f"seed {r.seed}: {budget_text(r.results)}" for r in runs)
     return row
@@ -239,6 +242,9 @@ def build_sections(runs: List[Run], unfinished: Sequence[Run] = ()) -> List[Sect
             if len(lengths) > 1:
                 section.warnings.append(f"{label}: the runs finished different numbers of tasks {sorted(lengths)}")
             section.rows.append(_row(label, lruns, None))
+            if section.rows[-1].untuned:
+                reason = next(r.results.get("untuned_reason") for r in lruns if r.results.get("untuned"))
+                section.warnings.append(f"{label} is untuned: {reason}")
             extras = set.intersection(*(set(r.results.get("extra") or {}) for r in lruns))
             for extra in sorted(extras):
                 section.rows.append(_row(label, lruns, extra))
