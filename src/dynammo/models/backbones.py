@@ -263,6 +263,8 @@ def build_backbone(name: str, pretrained=False, *, img_size: Optional[int] = Non
         return _vit.build_vit(name, pretrained, img_size=img_size, vit_patch_size=vit_patch_size,
                               vit_embed_dim=vit_embed_dim, vit_depth=vit_depth, vit_heads=vit_heads)
     key = BACKBONES.canonical(name)
+    if _efficientnet.is_efficientnet(key):
+        return _efficientnet.build_efficientnet(key, pretrained)
     backbone = BACKBONES.get(key)()
     if pretrained is True:
         if key not in TORCHVISION_WEIGHTS:
@@ -280,3 +282,4 @@ def build_backbone(name: str, pretrained=False, *, img_size: Optional[int] = Non
 
 
 from dynammo.models import vit as _vit  # noqa: E402  (registers the ViT backbones)
+from dynammo.models import efficientnet as _efficientnet  # noqa: E402  (registers the EfficientNet-Lite backbones)

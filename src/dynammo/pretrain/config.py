@@ -113,9 +113,10 @@ PRETRAIN_OPTIONS: Dict[str, Option] = {
                                    "moco_v2 0.03)", min=0.0, min_open=True),
     "weight_decay": Option("float", 1e-4, "weight decay (both papers: 1e-4)", min=0.0),
     "scheduler": Option("str", "cos", "learning-rate schedule (both papers: cos)", choices=("multi_step", "cos", "none")),
-    "normalize": Option("str", "auto", "input normalisation: auto (ImageNet statistics, what `dynammo run "
-                                       "pretrained: PATH` normalises with) | imagenet | dataset | none",
-                        choices=("auto", "dataset", "imagenet", "none")),
+    "normalize": Option("str", "auto", "input normalisation: auto (the statistics of the backbone's pretrained "
+                                       "weights, ImageNet's or EfficientNet-Lite's 0.5: what `dynammo run "
+                                       "pretrained: PATH` normalises with) | imagenet | inception | dataset | none",
+                        choices=("auto", "dataset", "imagenet", "inception", "none")),
 }
 
 

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from dynammo.config import build_config
-from dynammo.data import IMAGENET_MEAN, IMAGENET_STD, channel_stats, fit_in_memory, stats_sample
+from dynammo.data import fit_in_memory
+from dynammo.data import normalisation as data_normalisation
 from dynammo.data.datasets import DATASETS, RawDataset
 from dynammo.data.datasets.folder import IMAGE_EXTENSIONS, guess_channels, is_image
 from dynammo.data.imageset import ImageSet, subsample_per_class
@@ -69,17 +70,9 @@ def loader_config(cfg):
 
 
 def normalisation(cfg, images: ImageSet, seed: int):
-    """(mean, std): auto is ImageNet's, what `dynammo run pretrained: PATH` normalises with."""
-    mode = "imagenet" if cfg.normalize == "auto" else cfg.normalize
-    if mode == "imagenet":
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
-    elif mode == "none":
-        mean, std = (0.0,) * 3, (1.0,) * 3
-    else:
-        mean, std = channel_stats(stats_sample(images, seed).images)
-    if len(mean) == 3 and images.channels == 1:  # as load_data does for grayscale data
-        mean, std = (sum(mean) / 3,), (sum(std) / 3,)
-    return tuple(mean), tuple(std)
+    """(mean, std): auto is the statistics of the backbone family's pretrained weights (ImageNet's;
+    EfficientNet-Lite: 0.5), what `dynammo run pretrained: PATH` normalises with."""
+    return data_normalisation(cfg.normalize, cfg.backbone, True, images, seed)
 
 
 def prepare(images: ImageSet, cfg, what: str) -> ImageSet:
