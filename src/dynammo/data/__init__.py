@@ -9,7 +9,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from dynammo.data.datasets import DATASETS, RawDataset
-from dynammo.data.imageset import ImageSet, subsample_per_class
+from dynammo.data.imageset import ImageSet, set_max_image_pixels, subsample_per_class
 from dynammo.errors import UserError, is_allocation_failure
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -150,6 +150,7 @@ def _prepare(raw: RawDataset, cfg, seed: int) -> RawDataset:
         raise UserError(f"dataset {raw.name} has no training images; check data_root")
     if len(raw.test) == 0:
         raise UserError(f"dataset {raw.name} has no test images; lower test_fraction's rounding or add images")
+    check_every_class_has_images(raw)
     train = raw.train.subset(subsample_per_class(raw.train.labels, cfg.max_train_per_class, seed))
     test = raw.test.subset(subsample_per_class(raw.test.labels, cfg.max_test_per_class, seed + 1))
     if cfg.get("keep_aspect"):  # before the resize to a square: the original height / width of each image
@@ -158,7 +159,26 @@ def _prepare(raw: RawDataset, cfg, seed: int) -> RawDataset:
     return RawDataset(raw.name, raw.class_names, train, test, raw.flip, raw.split)
 
 
+def check_every_class_has_images(raw: RawDataset) -> None:
+    """Every class needs a training and a test image, or its accuracy is a mean of nothing: refused
+    before training, naming the class (a class of one image keeps it for training)."""
+    n = len(raw.class_names)
+    train = torch.bincount(raw.train.labels, minlength=n).tolist()
+    test = torch.bincount(raw.test.labels, minlength=n).tolist()
+    for role, counts in (("test", test), ("training", train)):
+        missing = [i for i in range(n) if counts[i] == 0]
+        if not missing:
+            continue
+        c = missing[0]
+        more = f" (and {len(missing) - 1} more class(es))" if len(missing) > 1 else ""
+        held = train[c] + test[c]
+        raise UserError(f"class {raw.class_names[c]!r} of dataset {raw.name} has no {role} image{more}: "
+                        f"{held} image(s) in all, split {raw.split}; every class needs at least one training and "
+                        f"one test image: add images to it (2 or more without an official split) or remove it")
+
+
 def load_one(name: str, cfg, seed: int, root) -> RawDataset:
+    set_max_image_pixels(cfg.get("max_image_pixels"))  # before the loader opens any image
     raw = DATASETS.get(name)(cfg, Path(root), seed)
     return _prepare(raw, cfg, seed)
 

@@ -6,6 +6,9 @@ JPEGs every epoch; file-backed sets exist for datasets too large for memory.
 from __future__ import annotations
 
 import io
+import re
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Union
 
@@ -18,13 +21,57 @@ from dynammo.errors import UserError
 
 Source = Union[str, bytes, tuple]  # a file path, encoded bytes, or (name, bytes) from an archive
 
+# The largest image (width x height) opened: config key max_image_pixels, set for the process by
+# set_max_image_pixels when a dataset is loaded (DataLoader workers inherit it). The default is
+# Pillow's own refusal threshold (twice the limit it warns at).
+DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
+_max_image_pixels = DEFAULT_MAX_IMAGE_PIXELS
+
+
+def set_max_image_pixels(limit: Optional[int]) -> None:
+    global _max_image_pixels
+    _max_image_pixels = int(limit or DEFAULT_MAX_IMAGE_PIXELS)
+    if Image.MAX_IMAGE_PIXELS is not None and _max_image_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = _max_image_pixels  # Pillow refuses above twice this: ours comes first
+
+
+def source_name(src: Source) -> str:
+    return src[0] if isinstance(src, tuple) else (src if isinstance(src, str) else "<bytes>")
+
+
+def too_large(name: str, pixels: Optional[int]) -> UserError:
+    many = f"{pixels} pixels" if pixels else "more pixels than Pillow opens"
+    fix = f"max_image_pixels={pixels}" if pixels else "max_image_pixels=N above its width x height"
+    return UserError(f"image {name} has {many}, more than max_image_pixels={_max_image_pixels} (a guard against "
+                     f"decompression bombs); if the image is genuine, raise the limit: {fix}")
+
+
+@contextmanager
+def open_image(src: Source):
+    """The opened (header read, not decoded) PIL image of a source; an unreadable file or one of more
+    than max_image_pixels pixels is one UserError line naming the file (and the key)."""
+    name, data = source_name(src), (src[1] if isinstance(src, tuple) else src)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # said below, in one line
+            img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+    except Image.DecompressionBombError as exc:  # Pillow's own guard, past ours: its message has the size
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        raise too_large(name, int(found.group(1)) if found else None) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise UserError(f"image {name} cannot be read ({exc.__class__.__name__}); remove or replace the file") from None
+    with img:
+        pixels = img.size[0] * img.size[1]
+        if pixels > _max_image_pixels:
+            raise too_large(name, pixels)
+        yield img
+
 
 def decode_image(src: Source, channels: int, size: Optional[int]) -> torch.Tensor:
     """Decode one image to a uint8 tensor (C, H, W), resized to size x size when given."""
-    name = src[0] if isinstance(src, tuple) else (src if isinstance(src, str) else "<bytes>")
-    data = src[1] if isinstance(src, tuple) else src
+    name = source_name(src)
     try:
-        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
+        with open_image(src) as img:
             mode = "L" if channels == 1 else "RGB"
             if size is not None and img.format == "JPEG":
                 # decode at the smallest 1/2, 1/4 or 1/8 scale still >= size x size: a 1024 px ISIC
@@ -34,7 +81,7 @@ def decode_image(src: Source, channels: int, size: Optional[int]) -> torch.Tenso
             if size is not None and img.size != (size, size):
                 img = img.resize((size, size), Image.BILINEAR)
             arr = np.array(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise UserError(f"image {name} cannot be read ({exc.__class__.__name__}); remove or replace the file") from exc
     if arr.ndim == 2:
         arr = arr[None]
