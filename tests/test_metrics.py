@@ -58,7 +58,35 @@ def test_accuracy_and_mean_class_recall():
     assert metrics.mean_class_recall(y, p) == pytest.approx(50.0)  # (3/3 + 0/1) / 2
     # classes with no sample are left out of the mean
     assert metrics.mean_class_recall(y, p, classes=range(5)) == pytest.approx(50.0)
-    assert math.isnan(metrics.accuracy([], []))
+    # no samples: undefined, None (null in results.json), never NaN
+    assert metrics.accuracy([], []) is None and metrics.mean_class_recall([], []) is None
+
+
+def test_a_task_without_test_images_is_null_with_a_reason_and_left_out_of_the_means(tmp_path):
+    """Task 2's classes (2, 3) have no test image: its accuracies are None with the reason under
+    `undefined`; forgetting, BWT and the averages use the defined terms; results.json holds no NaN."""
+    import json
+
+    from dynammo.io import write_json_atomic
+
+    m = metrics.ContinualMetrics([(0, 2), (2, 4), (4, 6)])
+    y1 = np.array([0, 1])
+    m.add(0, y1, y1)
+    m.add(1, y1, np.array([0, 0]))
+    y3 = np.array([0, 1, 4, 5])
+    m.add(2, y3, np.array([1, 0, 4, 5]))
+    m.add_scores(float("nan"), None)
+    s = m.summary()
+    assert s["acc_matrix"][1][1] is None and s["acc_matrix"][2][1] is None
+    assert s["undefined"]["acc_matrix[1][1]"] == "task 2's classes have no test images"
+    assert s["forgetting"] == pytest.approx(100.0)  # task 1 only: max(100, 50) - 0
+    assert s["bwt"] == pytest.approx(-100.0)
+    assert s["ece"][-1] is None and "ece[2]" in s["undefined"]
+    write_json_atomic(tmp_path / "results.json", {**s, "x": [float("inf")]})
+    text = (tmp_path / "results.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    back = json.loads(text)
+    assert back["x"] == [None] and "x[0]" in back["undefined"] and "acc_matrix[1][1]" in back["undefined"]
 
 
 def test_confusion_matrix_entries():

@@ -77,13 +77,15 @@ def _cmd_cost(args) -> int:
     from dynammo.config import load_config
     from dynammo.console import Console
     from dynammo.cost import format_cost_table, structure_costs
-    from dynammo.runner import prepare
+    from dynammo.cost_parts import cost_parts
+    from dynammo.runner import seeds_of
 
     overrides = list(args.overrides) + ["max_train_per_class=1", "max_test_per_class=1", "progress=false"]
     if args.device:
         overrides.append(f"device={args.device}")
     cfg = load_config(args.config, overrides)
-    _, scenario, engine, method = prepare(cfg, Console(progress="false", quiet=True))
+    cfg["seed"] = seeds_of(cfg)[0]  # a protocol's seed list: the structure is the same for every seed
+    _, scenario, engine, method = cost_parts(cfg, Console(progress="false", quiet=True))
     example = scenario.test.get(torch.tensor([0]))
     rows = structure_costs(method, scenario, engine.test_tf(example.to(engine.device)))
     if args.json:

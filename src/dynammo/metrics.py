@@ -8,6 +8,8 @@ a = acc_matrix, a[j][i] = accuracy on task i's classes after training task j (No
 - bwt (Lopez-Paz & Ranzato 2017): mean over i < T-1 of a[T-1][i] - a[i][i]
 - mcr[j]: mean over seen classes of per-class recall (balanced accuracy)
 - task_il_acc[j]: accuracy when the task id is given
+A metric of no test images is undefined: None (null in results.json) with the reason under
+`undefined`, never NaN; the means above skip it.
 - ece[j]: expected calibration error (15 bins) of the predictions on the seen classes' test images
 - openset.auroc/fpr95/aupr/aupr_out[j]: how well the known-score separates the seen classes' test
   images (positive) from those of the classes not learned yet (None after the last task)
@@ -15,6 +17,7 @@ Formulas of the last two: `openset.py`.
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -25,16 +28,24 @@ def _np(x) -> np.ndarray:
     return x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
-def accuracy(y_true, y_pred) -> float:
+def accuracy(y_true, y_pred) -> Optional[float]:
+    """Percent correct; None (undefined) for no samples."""
     y_true, y_pred = _np(y_true), _np(y_pred)
-    return float(100.0 * (y_true == y_pred).mean()) if len(y_true) else float("nan")
+    return float(100.0 * (y_true == y_pred).mean()) if len(y_true) else None
 
 
-def mean_class_recall(y_true, y_pred, classes: Optional[Sequence[int]] = None) -> float:
+def mean_class_recall(y_true, y_pred, classes: Optional[Sequence[int]] = None) -> Optional[float]:
+    """Mean over the classes that have samples of their recall; None (undefined) when none has."""
     y_true, y_pred = _np(y_true), _np(y_pred)
     classes = np.unique(y_true) if classes is None else classes
     recalls = [(y_pred[y_true == c] == c).mean() for c in classes if (y_true == c).any()]
-    return float(100.0 * np.mean(recalls)) if recalls else float("nan")
+    return float(100.0 * np.mean(recalls)) if recalls else None
+
+
+def mean_defined(values) -> Optional[float]:
+    """The mean of the values that are defined (not None); None when none is."""
+    known = [v for v in values if v is not None]
+    return float(np.mean(known)) if known else None
 
 
 def confusion_matrix(y_true, y_pred, num_classes: int) -> np.ndarray:
@@ -48,17 +59,24 @@ def confusion_matrix(y_true, y_pred, num_classes: int) -> np.ndarray:
 
 
 def forgetting(a: List[List[Optional[float]]]) -> Optional[float]:
+    """Over the tasks whose accuracies are defined (a task without test images has none)."""
     T = len(a)
     if T < 2:
         return None
-    return float(np.mean([max(a[j][i] for j in range(i, T - 1)) - a[T - 1][i] for i in range(T - 1)]))
+    terms = []
+    for i in range(T - 1):
+        before = [a[j][i] for j in range(i, T - 1) if a[j][i] is not None]
+        if before and a[T - 1][i] is not None:
+            terms.append(max(before) - a[T - 1][i])
+    return mean_defined(terms)
 
 
 def bwt(a: List[List[Optional[float]]]) -> Optional[float]:
     T = len(a)
     if T < 2:
         return None
-    return float(np.mean([a[T - 1][i] - a[i][i] for i in range(T - 1)]))
+    return mean_defined([a[T - 1][i] - a[i][i] for i in range(T - 1) if a[T - 1][i] is not None
+                         and a[i][i] is not None])
 
 
 def task_il_predictions(scores: torch.Tensor, y_true: torch.Tensor, bounds: Sequence[Tuple[int, int]]) -> torch.Tensor:
@@ -87,6 +105,7 @@ class ContinualMetrics:
         self.ece: List[Optional[float]] = []
         self.openset: List[Optional[dict]] = []  # {auroc, fpr95, aupr, aupr_out, n_known, n_unknown} or None
         self.openset_score: Optional[str] = None  # the score's name; None: open-set evaluation is off
+        self.undefined: Dict[str, str] = {}  # results.json path of a None metric -> why it is undefined
 
     def add(self, j: int, y_true, y_pred, y_pred_task_il=None, extra_preds: Optional[dict] = None) -> None:
         y_true, y_pred = _np(y_true), _np(y_pred)
@@ -97,10 +116,15 @@ class ContinualMetrics:
                 continue
             mask = (y_true >= start) & (y_true < end)
             row.append(accuracy(y_true[mask], y_pred[mask]))
+            if row[-1] is None:
+                self.undefined[f"acc_matrix[{j}][{i}]"] = f"task {i + 1}'s classes have no test images"
         self.acc_matrix.append(row)
         seen_end = self.bounds[j][1]
         self.acc.append(accuracy(y_true, y_pred))
         self.mcr.append(mean_class_recall(y_true, y_pred, range(seen_end)))
+        if self.acc[-1] is None:
+            for name in ("acc", "mcr") + (("task_il_acc",) if y_pred_task_il is not None else ()):
+                self.undefined[f"{name}[{j}]"] = f"the classes seen after task {j + 1} have no test images"
         if y_pred_task_il is not None:
             self.task_il_acc.append(accuracy(y_true, y_pred_task_il))
         for name, pred in (extra_preds or {}).items():
@@ -111,6 +135,14 @@ class ContinualMetrics:
         """The calibration error and the open-set metrics (or None) of the task just added."""
         # a run resumed from a checkpoint written before these metrics existed: None for its tasks
         missing = len(self.acc) - 1 - len(self.ece)
+        j = len(self.acc) - 1
+        if ece is not None and not math.isfinite(ece):
+            ece = None
+            self.undefined[f"ece[{j}]"] = "the model's confidences are not finite numbers (a diverged training?)"
+        for key, value in list((openset or {}).items()):
+            if isinstance(value, float) and not math.isfinite(value):
+                openset[key] = None
+                self.undefined[f"openset.{key}[{j}]"] = "the known-scores are not finite numbers (a diverged training?)"
         self.ece += [None] * missing + [ece]
         self.openset += [None] * missing + [openset]
 
@@ -118,7 +150,8 @@ class ContinualMetrics:
         return {"acc_matrix": self.acc_matrix, "acc": self.acc, "mcr": self.mcr, "task_il_acc": self.task_il_acc,
                 "extra": {name: m.state_dict() for name, m in self.extra.items()},
                 "last_confusion": None if self.last_confusion is None else self.last_confusion.tolist(),
-                "ece": self.ece, "openset": self.openset, "openset_score": self.openset_score}
+                "ece": self.ece, "openset": self.openset, "openset_score": self.openset_score,
+                "undefined": self.undefined}
 
     def load_state_dict(self, state: dict) -> None:
         self.acc_matrix, self.acc, self.mcr = state["acc_matrix"], state["acc"], state["mcr"]
@@ -132,6 +165,7 @@ class ContinualMetrics:
         # absent from checkpoints written before these metrics existed (add_scores pads them)
         self.ece, self.openset = list(state.get("ece", [])), list(state.get("openset", []))
         self.openset_score = state.get("openset_score", self.openset_score)
+        self.undefined = dict(state.get("undefined") or {})
 
     def summary(self) -> dict:
         out = {
@@ -139,9 +173,9 @@ class ContinualMetrics:
             "acc": self.acc,
             "mcr": self.mcr,
             "task_il_acc": self.task_il_acc or None,
-            "avg_acc": float(np.mean(self.acc)) if self.acc else None,
+            "avg_acc": mean_defined(self.acc),
             "last_acc": self.acc[-1] if self.acc else None,
-            "avg_mcr": float(np.mean(self.mcr)) if self.mcr else None,
+            "avg_mcr": mean_defined(self.mcr),
             "last_mcr": self.mcr[-1] if self.mcr else None,
             "forgetting": forgetting(self.acc_matrix),
             "bwt": bwt(self.acc_matrix),
@@ -152,6 +186,8 @@ class ContinualMetrics:
         if self.ece:  # the extra classifiers have none: their predictions come without a confidence
             out.update(self.calibration_summary())
             out["openset"] = self.openset_summary()
+        if self.undefined:
+            out["undefined"] = dict(self.undefined)
         return out
 
     def calibration_summary(self) -> dict:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 from dynammo.data.imageset import ImageSet
 from dynammo.registry import Registry
@@ -15,9 +15,24 @@ DATASETS: Registry = Registry("dataset")
 LAYOUTS: Dict[str, str] = {}  # dataset name -> the on-disk layout it reads, in one line (`dynammo list`)
 
 
-def dataset(name: str, layout: str, aliases: tuple = ()) -> Callable:
-    """Register a loader `load(cfg, root, seed) -> RawDataset` with the layout it expects under data_root."""
+@dataclass(frozen=True)
+class DatasetShape:
+    """What a benchmark's images are without reading them (for `dynammo cost`)."""
+
+    classes: int
+    channels: int
+    size: Optional[int]  # side of its square images; None: of many sizes (img_size gives the size)
+
+
+SHAPES: Dict[str, DatasetShape] = {}  # dataset name -> its shape, for the benchmarks of fixed shape
+
+
+def dataset(name: str, layout: str, aliases: tuple = (), shape: Optional[DatasetShape] = None) -> Callable:
+    """Register a loader `load(cfg, root, seed) -> RawDataset` with the layout it expects under data_root
+    (and the shape of its images when it is fixed: a benchmark, not the user's own folder)."""
     LAYOUTS[name] = layout
+    if shape is not None:
+        SHAPES[name] = shape
     return DATASETS.register(name, aliases=aliases)
 
 

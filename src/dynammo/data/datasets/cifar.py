@@ -30,8 +30,8 @@ from typing import Dict, List, Tuple
 import numpy as np
 import torch
 
-from dynammo.data.datasets import RawDataset, dataset
-from dynammo.data.datasets.files import download_file
+from dynammo.data.datasets import DatasetShape, RawDataset, dataset
+from dynammo.data.datasets.files import check_member, download_file
 from dynammo.data.imageset import ImageSet
 from dynammo.errors import UserError
 
@@ -128,6 +128,7 @@ def read_archive(path: Path, spec: CifarSpec) -> Files:
     try:
         with tarfile.open(path, "r:*") as tar:
             for member in tar:
+                check_member(path, member.name, spec.title)
                 parts = Path(member.name).parts
                 if member.isfile() and len(parts) >= 2 and parts[-2] == spec.folder and parts[-1] in spec.files:
                     source = f"{path}:{spec.folder}/{parts[-1]}"
@@ -214,4 +215,6 @@ def load_cifar(spec: CifarSpec, cfg, root: Path) -> RawDataset:
 
 
 for _spec in (CIFAR10, CIFAR100):
-    dataset(_spec.name, f"data_root/{_spec.archive} or data_root/{_spec.folder}/ (downloaded when missing)")(lambda cfg, root, seed, spec=_spec: load_cifar(spec, cfg, root))
+    dataset(_spec.name, f"data_root/{_spec.archive} or data_root/{_spec.folder}/ (downloaded when missing)",
+            shape=DatasetShape(100 if _spec is CIFAR100 else 10, 3, 32))(
+        lambda cfg, root, seed, spec=_spec: load_cifar(spec, cfg, root))

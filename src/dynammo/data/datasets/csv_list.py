@@ -9,6 +9,7 @@ alone gets a seeded stratified split. Labels may be names or integers; ids follo
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import numpy as np
 from dynammo.data.datasets import RawDataset, dataset
 from dynammo.data.datasets.folder import by_split_role, choose_splits, guess_channels, split_sources
 from dynammo.data.imageset import ImageSet
+from dynammo.config import shown
 from dynammo.errors import UserError
 
 
@@ -23,19 +25,34 @@ def read_rows(path: Path):
     if not path.is_file():
         raise UserError(f"CSV file {path} does not exist; set data_root to a CSV of path,label rows")
     rows = []
-    with path.open(newline="") as fh:
-        for i, row in enumerate(csv.reader(fh)):
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except OSError as exc:
+        raise UserError(f"CSV file {path} cannot be read ({exc.strerror or exc}); check its permissions") from None
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise UserError(f"CSV file {path} is not UTF-8 text (line {line}, byte {exc.start}); save it as UTF-8") from None
+    if "\0" in text:
+        raise UserError(f"CSV file {path} holds NUL characters (UTF-16 or not a CSV?); save it as UTF-8 text")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    i = 0
+    try:
+        for i, row in enumerate(reader):
             if not row or all(not c.strip() for c in row):
                 continue
             if len(row) < 2:
-                raise UserError(f"{path} line {i + 1} must be path,label; got {row!r}")
+                raise UserError(f"{path} line {i + 1} must be path,label; got {shown(row)}")
             if i == 0 and row[0].strip().lower() in ("path", "file", "filename", "image"):
                 continue
             p = Path(row[0].strip())
             p = p if p.is_absolute() else path.parent / p
             if not p.is_file():
-                raise UserError(f"{path} line {i + 1}: image {p} does not exist; fix the path")
+                raise UserError(f"{path} line {i + 1}: image {shown(str(p))} does not exist; fix the path")
             rows.append((str(p), row[1].strip()))
+    except csv.Error as exc:  # a field past csv's size limit, an unclosed quote at the end
+        raise UserError(f"{path} line {i + 2} is not a path,label row ({exc}); fix the CSV") from None
+    except OSError as exc:  # a path too long for the file system
+        raise UserError(f"{path} line {i + 1}: {exc.strerror or exc}; fix the path") from None
     if not rows:
         raise UserError(f"CSV file {path} lists no images")
     return rows

@@ -20,7 +20,7 @@ from typing import Dict
 
 import numpy as np
 
-from dynammo.data.datasets import RawDataset, dataset
+from dynammo.data.datasets import DatasetShape, RawDataset, dataset
 from dynammo.data.datasets.files import (check_class_count, extract_archive, locate, missing_files_error,
                                           obtain_archive)
 from dynammo.data.imageset import ImageSet
@@ -64,7 +64,8 @@ def read_pairs(path: Path) -> Dict[int, str]:
 
 
 @dataset("cub200", f"data_root/{TOP}/ (images.txt, image_class_labels.txt, train_test_split.txt, classes.txt, "
-                   f"images/<NNN.Name>/; downloads {ARCHIVE} when missing)", aliases=("cub", "cub_200_2011", "cub-200"))
+                   f"images/<NNN.Name>/; downloads {ARCHIVE} when missing)", aliases=("cub", "cub_200_2011", "cub-200"),
+         shape=DatasetShape(NUM_CLASSES, 3, None))
 def load(cfg, root, seed) -> RawDataset:
     top = find_top(Path(root), bool(cfg.get("download", True)))
     images, labels, is_train, classes = (read_pairs(top / n) for n in LISTS)

@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dynammo.data.datasets import RawDataset, dataset
+from dynammo.data.datasets import DatasetShape, RawDataset, dataset
 from dynammo.data.imageset import ImageSet, stratified_split
 
 
-@dataset("digits", "no files: scikit-learn's bundled 8x8 digits")
+@dataset("digits", "no files: scikit-learn's bundled 8x8 digits", shape=DatasetShape(10, 1, 8))
 def load(cfg, root, seed) -> RawDataset:
     from sklearn.datasets import load_digits
 

@@ -124,8 +124,16 @@ def obtain_archive(root: Path, name: str, url: str, md5: Optional[str], title: s
 
 
 def _unsafe_member(name: str) -> bool:
-    parts = Path(name).parts
+    parts = Path(name.replace("\\", "/")).parts
     return name.startswith(("/", "\\")) or ".." in parts or (len(parts) > 0 and ":" in parts[0])
+
+
+def check_member(archive, name: str, title: str) -> None:
+    """Every archive reader (extracting or reading in place) refuses a member whose path climbs out
+    ('..'), is absolute or names a drive: its folder names would become classes like '..'."""
+    if _unsafe_member(name):
+        raise UserError(f"archive {archive} holds a member outside its folder ({name[:200]!r}); refused: get the "
+                        f"official {title} archive again")
 
 
 def extract_archive(archive: Path, dest: Path, title: str) -> None:
@@ -144,10 +152,8 @@ def extract_archive(archive: Path, dest: Path, title: str) -> None:
         try:
             if zipfile.is_zipfile(archive):
                 with zipfile.ZipFile(archive) as zf:
-                    bad = [n for n in zf.namelist() if _unsafe_member(n)]
-                    if bad:
-                        raise UserError(f"archive {archive} holds a member outside its folder ({bad[0]!r}); "
-                                        f"refused: get the official {title} archive again")
+                    for n in zf.namelist():
+                        check_member(archive, n, title)
                     zf.extractall(tmp)
             else:
                 with tarfile.open(archive, "r:*") as tar:

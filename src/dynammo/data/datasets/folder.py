@@ -13,6 +13,7 @@ or images and such sub-folders mixed, is refused with the layout expected.
 """
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -21,7 +22,7 @@ import numpy as np
 
 from dynammo.data.datasets import RawDataset, dataset
 from dynammo.data.datasets.files import check_class_count
-from dynammo.data.imageset import ImageSet, stratified_split
+from dynammo.data.imageset import ImageSet, open_image, stratified_split
 from dynammo.errors import UserError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".ppm", ".pgm"}
@@ -42,19 +43,33 @@ def split_role(name: str) -> Optional[str]:
 def entries(folder: Path) -> Tuple[List[str], List[str]]:
     """-> (sorted sub-folder names, sorted image file names) directly in `folder` (hidden ones skipped)."""
     dirs, images = [], []
-    with os.scandir(folder) as it:
-        for e in it:
-            if e.name.startswith("."):
-                continue
-            if e.is_dir():
-                dirs.append(e.name)
-            elif is_image(e.name) and e.is_file():
-                images.append(e.name)
+    try:
+        with os.scandir(folder) as it:
+            for e in it:
+                if e.name.startswith("."):
+                    continue
+                try:
+                    if e.is_dir():
+                        dirs.append(e.name)
+                    elif is_image(e.name) and e.is_file():
+                        images.append(e.name)
+                except OSError as exc:  # a symbolic link loop (ELOOP), an entry that vanished or is unreadable
+                    raise unreadable_entry(folder / e.name, exc) from None
+    except OSError as exc:
+        raise unreadable_entry(folder, exc) from None
     return sorted(dirs), sorted(images)
 
 
+def unreadable_entry(path: Path, exc: OSError) -> UserError:
+    loop = " (a symbolic link loop)" if getattr(exc, "errno", None) == errno.ELOOP else ""
+    return UserError(f"{path} cannot be read: {exc.strerror or exc}{loop}; remove or fix it")
+
+
 def has_images(folder: Path) -> bool:
-    return any(is_image(p.name) and p.is_file() for p in folder.rglob("*"))
+    try:
+        return any(is_image(p.name) and p.is_file() for p in folder.rglob("*"))
+    except OSError as exc:
+        raise unreadable_entry(folder, exc) from None
 
 
 def list_images(folder: Path) -> List[str]:
@@ -134,19 +149,10 @@ def pre_split_rgb_dataset(name: str, title: str, top: Path, found: Dict[str, Lis
 
 def guess_channels(paths, n: int = 16) -> int:
     """1 if the first images are all single-channel, else 3."""
-    import io
-
-    from PIL import Image
-
     for p in list(paths)[:n]:
-        src = p[1] if isinstance(p, tuple) else p
-        try:
-            with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as img:
-                if img.mode not in ("L", "I", "I;16", "1", "F"):
-                    return 3
-        except OSError as exc:
-            name = p[0] if isinstance(p, tuple) else p
-            raise UserError(f"image {name} cannot be read ({exc}); remove or replace the file") from exc
+        with open_image(p) as img:  # one line for an unreadable file or one past max_image_pixels
+            if img.mode not in ("L", "I", "I;16", "1", "F"):
+                return 3
     return 1
 
 

@@ -37,8 +37,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from dynammo.data.datasets import RawDataset, dataset
-from dynammo.data.datasets.files import (check_class_count, missing_files_error, md5sum, read_split_list)
+from dynammo.data.datasets import DatasetShape, RawDataset, dataset
+from dynammo.data.datasets.files import (check_class_count, check_member, missing_files_error, md5sum,
+                                         read_split_list)
 from dynammo.data.datasets.folder import by_split_role, entries, pre_split_rgb_dataset, scan_class_folders
 from dynammo.data.imageset import ImageSet
 from dynammo.errors import UserError
@@ -126,6 +127,7 @@ def devkit_files(places: Sequence[Path]) -> Optional[Tuple[str, bytes, bytes]]:
                 with tarfile.open(archive, "r:*") as tar:
                     got = {}
                     for m in tar:
+                        check_member(archive, m.name, "ImageNet devkit")
                         for key in (GROUND_TRUTH, META):
                             if m.isfile() and m.name.endswith(key):
                                 got[key] = tar.extractfile(m).read()
@@ -167,7 +169,11 @@ def devkit_labels(where: str, truth: bytes, meta: bytes) -> Dict[str, str]:
 
 def kaggle_labels(path: Path) -> Dict[str, str]:
     out = {}
-    with path.open(newline="") as fh:
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} cannot be read as UTF-8 text ({exc.__class__.__name__}); get the file again") from None
+    with io.StringIO(text, newline="") as fh:
         for k, row in enumerate(csv.reader(fh), 1):
             if k == 1 and row and row[0].strip() == "ImageId":
                 continue
@@ -175,7 +181,7 @@ def kaggle_labels(path: Path) -> Dict[str, str]:
                 continue
             tokens = row[1].split() if len(row) >= 2 else []
             if not tokens or not tokens[0].startswith("n"):
-                raise UserError(f"{path} line {k} must be ImageId,PredictionString (first token the wnid), got {row!r}")
+                raise UserError(f"{path} line {k} must be ImageId,PredictionString (first token the wnid), got {str(row)[:100]}")
             out[row[0].strip()] = tokens[0]
     return out
 
@@ -211,7 +217,8 @@ def flat_val(top: Path, root: Path, val: Path, names: List[str]) -> Tuple[List[s
 
 
 @dataset("imagenet1000", "data_root/ilsvrc2012/train/<wnid>/*.JPEG + val/<wnid>/*.JPEG, or flat val/ with "
-                         "ILSVRC2012_devkit_t12(.tar.gz) or LOC_val_solution.csv", aliases=("imagenet1k", "imagenet", "ilsvrc2012"))
+                         "ILSVRC2012_devkit_t12(.tar.gz) or LOC_val_solution.csv", aliases=("imagenet1k", "imagenet", "ilsvrc2012"),
+         shape=DatasetShape(NUM_CLASSES, 3, None))
 def load(cfg, root, seed) -> RawDataset:
     root = Path(root)
     top = find_top(root)
@@ -287,7 +294,8 @@ def first_path(listing: Path) -> str:
 
 
 @dataset("imagenet100", "data_root/miniImageNet/{train,val}.txt, PODNet's train_100.txt/val_100.txt, or "
-                        "data_root/imagenet100/{train,val}/<wnid>/", aliases=("imagenet_100", "imagenet-100"))
+                        "data_root/imagenet100/{train,val}/<wnid>/", aliases=("imagenet_100", "imagenet-100"),
+         shape=DatasetShape(NUM_CLASSES_100, 3, None))
 def load100(cfg, root, seed) -> RawDataset:
     root = Path(root)
     for d in (root / "miniImageNet", root):  # (a) CL_Pytorch's lists

@@ -25,7 +25,7 @@ from pathlib import Path, PurePosixPath
 from typing import Dict, List, Tuple
 
 
-from dynammo.data.datasets import RawDataset, dataset
+from dynammo.data.datasets import DatasetShape, RawDataset, dataset
 from dynammo.data.datasets.files import (check_class_count, extract_archive, missing_files_error, obtain_archive)
 from dynammo.data.datasets.imagenet import file_set
 from dynammo.data.datasets.folder import by_split_role, entries, pre_split_rgb_dataset, scan_class_folders, split_role, split_sources
@@ -110,7 +110,7 @@ def from_coda(top: Path, cfg) -> RawDataset:
 
 @dataset("imagenet_r", "data_root/imagenet-r/<wnid>/*.jpg (seeded split), imagenet_r/{train,test}/<wnid>/, or "
                        "CODA-Prompt's imagenet-r_{train,test}.yaml (downloads imagenet-r.tar when missing)",
-         aliases=("imagenet-r", "imagenetr"))
+         aliases=("imagenet-r", "imagenetr"), shape=DatasetShape(NUM_CLASSES, 3, None))
 def load(cfg, root, seed) -> RawDataset:
     root = Path(root)
     top = find_top(root, bool(cfg.get("download", True)))

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dynammo.data.datasets import RawDataset, dataset
+from dynammo.data.datasets import DatasetShape, RawDataset, dataset
 from dynammo.data.imageset import ImageSet
 from dynammo.data.datasets.files import download_file
 from dynammo.errors import UserError
@@ -119,6 +119,9 @@ def make_loader(flag: str, suffix: str):
     return load
 
 
+RGB_FLAGS = ("pathmnist", "dermamnist", "bloodmnist", "retinamnist")  # the others are grayscale
 for _flag in FLAGS:
     for _suffix in SIZES:
-        dataset(f"{_flag}{_suffix}", f"data_root/{_flag}{_suffix}.npz (downloaded when missing)")(make_loader(_flag, _suffix))
+        dataset(f"{_flag}{_suffix}", f"data_root/{_flag}{_suffix}.npz (downloaded when missing)",
+                shape=DatasetShape(len(CLASS_NAMES[_flag]), 3 if _flag in RGB_FLAGS else 1,
+                                   int(_suffix[1:] or 28)))(make_loader(_flag, _suffix))

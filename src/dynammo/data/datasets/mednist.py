@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dynammo.data.datasets import RawDataset, dataset
+from dynammo.data.datasets import DatasetShape, RawDataset, dataset
+from dynammo.data.datasets.files import check_member
 from dynammo.data.datasets.folder import is_image, scan_class_folders, split_sources
 from dynammo.errors import UserError
 
@@ -25,6 +26,7 @@ def read_archive(path: Path):
     try:
         with tarfile.open(path, "r:*") as tar:
             for member in tar:
+                check_member(path, member.name, "MedNIST")
                 if not member.isfile() or not is_image(member.name):
                     continue
                 parts = Path(member.name).parts
@@ -54,7 +56,7 @@ def find_folder_inner(folder: Path) -> Path:
     return folder
 
 
-@dataset("mednist", "data_root/mednist.tar.gz, or data_root/MedNIST/<Class>/*.jpeg")
+@dataset("mednist", "data_root/mednist.tar.gz, or data_root/MedNIST/<Class>/*.jpeg", shape=DatasetShape(6, 1, 64))
 def load(cfg, root, seed) -> RawDataset:
     root = Path(root)
     archive = root if root.is_file() else next((root / n for n in ARCHIVE_NAMES if (root / n).is_file()), None)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dynammo.data.datasets import RawDataset, dataset
+from dynammo.data.datasets import DatasetShape, RawDataset, dataset
 from dynammo.data.datasets.files import check_class_count
 from dynammo.data.datasets.folder import scan_class_folders
 from dynammo.data.imageset import ImageSet
@@ -53,7 +53,8 @@ def find_top(root: Path) -> Path:
 
 
 @dataset("path16", f"{LAYOUT}, 7 subsets in order MHIST, breast_cancer, oral_cancer, Patch_Camelyon, TCGA_STD, "
-                   "lung, colon (tasks 2,2,2,2,4,2,2; not public)", aliases=("pathology16",))
+                   "lung, colon (tasks 2,2,2,2,4,2,2; not public)", aliases=("pathology16",),
+         shape=DatasetShape(NUM_CLASSES, 3, None))
 def load(cfg, root, seed) -> RawDataset:
     if cfg.shuffle and cfg.class_order is None:
         raise UserError("path16: shuffle=true would mix classes of different pathology datasets within a task; "

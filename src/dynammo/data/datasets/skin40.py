@@ -26,7 +26,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from dynammo.data.datasets import RawDataset, dataset
+from dynammo.data.datasets import DatasetShape, RawDataset, dataset
 from dynammo.data.datasets.files import check_class_count, read_split_list
 from dynammo.data.datasets.folder import is_image
 from dynammo.data.datasets.medical import FALLBACK_SEED, list_md5_status, missing_text, seeded_class_split
@@ -76,7 +76,7 @@ def check_labels(rows: List[Tuple[str, int]], images: Path, path: Path) -> None:
                             f"order, but the file is in folder {rel.parts[0]}; fix the list")
 
 
-@dataset("skin40", LAYOUT, aliases=("sd198", "sd-198"))
+@dataset("skin40", LAYOUT, aliases=("sd198", "sd-198"), shape=DatasetShape(len(CLASS_NAMES), 3, None))
 def load(cfg, root, seed) -> RawDataset:
     root = Path(root)
     top = next((t for t in [root / n for n in TOP_NAMES] + [root] if (t / "images").is_dir()), None)

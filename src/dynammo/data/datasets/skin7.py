@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from dynammo.data.datasets import RawDataset, dataset
+from dynammo.data.datasets import DatasetShape, RawDataset, dataset
 from dynammo.data.datasets.files import check_class_count
 from dynammo.data.datasets.medical import FALLBACK_SEED, index_images, read_onehot_csv, read_rows, resolve
 from dynammo.data.imageset import ImageSet, stratified_split
@@ -122,7 +122,7 @@ def names_from_truth(rows: List[Tuple[str, int]], truth: Dict[str, str], csv_pat
     return [names[k] for k in range(len(CLASS_NAMES))]
 
 
-@dataset("skin7", LAYOUT, aliases=("isic2018", "ham10000"))
+@dataset("skin7", LAYOUT, aliases=("isic2018", "ham10000"), shape=DatasetShape(len(CLASS_NAMES), 3, None))
 def load(cfg, root, seed) -> RawDataset:
     root = Path(root)
     tops = candidates(root)

@@ -32,7 +32,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from dynammo.data.datasets import RawDataset, dataset
+from dynammo.data.datasets import DatasetShape, RawDataset, dataset
 from dynammo.data.datasets.files import check_class_count, read_list_lines, read_split_list
 from dynammo.data.datasets.folder import is_image
 from dynammo.data.datasets.medical import (FALLBACK_SEED, index_images, list_md5_status, read_onehot_csv, resolve,
@@ -116,7 +116,7 @@ def class_folders(data: Path) -> List[List[str]]:
     return out
 
 
-@dataset("skin8", LAYOUT, aliases=("isic2019",))
+@dataset("skin8", LAYOUT, aliases=("isic2019",), shape=DatasetShape(len(CLASS_NAMES), 3, None))
 def load(cfg, root, seed) -> RawDataset:
     root = Path(root)
     tops = [root / t for t in TOP_NAMES if (root / t).is_dir()] + [root]

@@ -23,7 +23,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from dynammo.data.datasets import RawDataset, dataset
+from dynammo.data.datasets import DatasetShape, RawDataset, dataset
 from dynammo.data.datasets.files import (check_class_count, extract_archive, locate, missing_files_error,
                                           obtain_archive)
 from dynammo.data.datasets.folder import entries, list_images
@@ -122,7 +122,8 @@ def read_val(top: Path, wnids: List[str]):
 
 
 @dataset("tinyimagenet", f"data_root/{TOP}/ (wnids.txt, train/<wnid>/images/, val/images/ + val_annotations.txt; "
-                         f"downloads {ARCHIVE} when missing)", aliases=("tiny_imagenet", "tiny-imagenet", "tinyimagenet200"))
+                         f"downloads {ARCHIVE} when missing)", aliases=("tiny_imagenet", "tiny-imagenet", "tinyimagenet200"),
+         shape=DatasetShape(NUM_CLASSES, 3, 64))
 def load(cfg, root, seed) -> RawDataset:
     top = find_top(Path(root), bool(cfg.get("download", True)))
     wnids = read_wnids(top / "wnids.txt")
