@@ -30,7 +30,7 @@ from dynammo.openset import expected_calibration_error, known_score, open_set_me
 from dynammo.protocols import untuned_reason, protocol_record
 from dynammo.report import MutedWriter, RunWriter, check_run_dir, format_table, make_plots, versions
 from dynammo.signals import handling_stop_signals
-from dynammo.io import write_json_atomic
+from dynammo.io import read_json, write_json_atomic
 from dynammo.tracking import Tracker, check_tracking, make_tracker, tensorboard_on
 
 
@@ -155,7 +155,9 @@ def resume_run(run_dir, console: Console, device: Optional[str] = None) -> dict:
     cfg, console = join_world(cfg, console)
     check_tracking(cfg)
     results_file = run_dir / "results.json"
-    if results_file.is_file() and json.loads(results_file.read_text()).get("status") == "complete":
+    recorded = read_json(results_file, "results.json", "delete it: resume writes it again from the checkpoints") \
+        if results_file.is_file() else None
+    if isinstance(recorded, dict) and recorded.get("status") == "complete":
         raise UserError(f"the run in {run_dir} is complete; nothing to resume (evaluate it with `dynammo eval {run_dir}`)")
     data, scenario, engine, method = prepare(cfg, console)
     progress = Progress.fresh(cfg, data, scenario)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import csv
 import io
-import json
 import os
 import time
 from dataclasses import asdict
@@ -35,7 +34,6 @@ from pathlib import Path
 from typing import List, Optional
 
 import torch
-import yaml
 
 from dynammo.console import Console
 from dynammo.data.imageset import ImageSet
@@ -43,7 +41,8 @@ from dynammo.data.transforms import BatchTransform
 from dynammo.distributed import launched_by_torchrun
 from dynammo.engine import Batch, Engine, OptimSettings, resolve_device, seed_everything
 from dynammo.errors import RunInterrupted, UserError
-from dynammo.io import save_torch_atomic, write_bytes_atomic, write_json_atomic, write_text_atomic
+from dynammo.config import read_yaml
+from dynammo.io import read_json, save_torch_atomic, write_bytes_atomic, write_json_atomic, write_text_atomic
 from dynammo.journal import FitJournal, rng_state
 from dynammo.models.backbones import backbone_kwargs, build_backbone
 from dynammo.pretrain.augment import TwoViews, preset
@@ -408,11 +407,7 @@ def read_config(run_dir: Path):
     if not (run_dir / SUMMARY).is_file() or not path.is_file():
         raise UserError(f"{run_dir} is not the run directory of a `dynammo pretrain` (no {SUMMARY} or config.yaml); "
                         "give its --out folder")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path} is not valid YAML ({exc.__class__.__name__}); restore it from the run") from exc
-    return build_pretrain_config(raw or {})
+    return build_pretrain_config(read_yaml(path))  # one line for damaged, hostile or non-UTF-8 YAML
 
 
 def resume_pretrain(run_dir, console: Console, device: Optional[str] = None) -> dict:
@@ -420,7 +415,9 @@ def resume_pretrain(run_dir, console: Console, device: Optional[str] = None) -> 
     was written); the result equals an uninterrupted run's."""
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
-    if json.loads((run_dir / SUMMARY).read_text()).get("status") == "complete":
+    summary = read_json(run_dir / SUMMARY, SUMMARY, "restore it, or if the pretraining did not finish, write {} into "
+                        "it to resume from the partial checkpoint")
+    if isinstance(summary, dict) and summary.get("status") == "complete":
         raise UserError(f"the pretraining in {run_dir} is complete; nothing to resume (its backbone: "
                         f"{run_dir / BACKBONE_FILE})")
     run = Pretraining(cfg, console, device)

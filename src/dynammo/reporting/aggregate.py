@@ -317,7 +317,11 @@ def forgetting_per_task(results: dict) -> Optional[List[float]]:
     T = len(a)
     if T < 2:
         return None
-    return [max(a[j][i] for j in range(i, T - 1)) - a[T - 1][i] for i in range(T - 1)]
+    terms = []  # None where a task's accuracy is undefined (no test images): the figure leaves a gap
+    for i in range(T - 1):
+        before = [a[j][i] for j in range(i, T - 1) if a[j][i] is not None]
+        terms.append(max(before) - a[T - 1][i] if before and a[T - 1][i] is not None else None)
+    return terms
 
 
 def summed_confusion(runs: List[Run]) -> Tuple[Optional[np.ndarray], List[str], int]:

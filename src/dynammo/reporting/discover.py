@@ -3,6 +3,7 @@ seed<N>/ folders of a seed list), read and sorted into usable, not-averaged and 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +85,79 @@ def _walk(root: Path) -> Iterable[Path]:
             yield Path(here)
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _number_or_null(v) -> bool:
+    return v is None or _number(v)
+
+
+def _list_of(item, nullable: bool = True):
+    return lambda v: (nullable and v is None) or (isinstance(v, list) and all(item(x) for x in v))
+
+
+def _dict_of(fields: dict):
+    """A mapping (or null) whose listed keys, where present, pass their checks."""
+    return lambda v: v is None or (isinstance(v, dict) and all(k not in v or ok(v[k]) for k, ok in fields.items()))
+
+
+def _text(v) -> bool:
+    return isinstance(v, str)
+
+
+def _permutation(v) -> bool:
+    return v is None or (isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+                         and sorted(v) == list(range(len(v))))
+
+
+_NUMBERS = _list_of(_number_or_null)
+_METRICS = {"acc_matrix": _list_of(_NUMBERS), "acc": _NUMBERS, "mcr": _NUMBERS, "task_il_acc": _NUMBERS,
+            **{k: _number_or_null for k in ("avg_acc", "last_acc", "avg_mcr", "last_mcr", "forgetting", "bwt",
+                                            "avg_ece", "last_ece")}, "ece": _NUMBERS}
+_COST = _dict_of({k: _number_or_null for k in ("params_total", "params_trainable", "inference_gflops",
+                                               "memory_exemplars", "memory_bytes", "train_seconds",
+                                               "train_images")})
+_STAGE = _dict_of({"stage": _text, "epochs": _number})
+_DIVERGED = _dict_of({"task": _number, "stage": _text, "first_loss": _number, "last_loss": _number})
+# every field of results.json that `dynammo report` reads, and what it must hold (absent is fine)
+_FIELDS = {
+    "method": _text, "label": lambda v: v is None or _text(v), "status": lambda v: v is None or _text(v),
+    "metric": lambda v: v is None or _text(v), **_METRICS,
+    "cost": _list_of(lambda c: isinstance(c, dict) and _COST(c)),
+    "budget": _list_of(_list_of(lambda b: isinstance(b, dict) and {"stage", "epochs"} <= set(b) and _STAGE(b),
+                                nullable=False)),
+    "deviations": _list_of(_text), "extra": lambda v: v is None or (isinstance(v, dict) and all(
+        isinstance(m, dict) and _dict_of(_METRICS)(m) for m in v.values())),
+    "protocol": _dict_of({"name": lambda v: v is None or _text(v), "hash": lambda v: v is None or _text(v),
+                          "values": lambda v: v is None or isinstance(v, dict),
+                          "departs": lambda v: v is None or isinstance(v, dict)}),
+    "versions": lambda v: v is None or isinstance(v, dict),
+    "tasks": lambda v: v is None or isinstance(v, list),
+    "confusion": _list_of(_list_of(lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0,
+                                   nullable=False)),
+    "class_order": _permutation, "class_names": _list_of(_text),
+    "diverged_stages": _list_of(lambda d: isinstance(d, dict) and {"task", "stage", "first_loss", "last_loss"}
+                                <= set(d) and _DIVERGED(d)),
+    "untuned_reason": lambda v: v is None or _text(v),
+}
+
+
+def field_problem(results: dict) -> Optional[str]:
+    """What is wrong with the first field of a results.json that the report cannot use, or None."""
+    for key, ok in _FIELDS.items():
+        if key in results and not ok(results[key]):
+            return f"field '{key}' does not hold what dynammo writes there"
+    matrix = results.get("acc_matrix") or []
+    if any(len(row) < len(matrix) for row in matrix):
+        return "field 'acc_matrix' has a row shorter than the number of tasks done"
+    return None
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not JSON (dynammo writes null for an undefined number)")
+
+
 def read_run(run_dir: Path) -> Tuple[Optional[Run], Optional[str]]:
     """(run, None), or (None, why it cannot be used) for a half-written or foreign results.json."""
     path = run_dir / "results.json"
@@ -92,12 +166,19 @@ def read_run(run_dir: Path) -> Tuple[Optional[Run], Optional[str]]:
     except (OSError, UnicodeDecodeError) as exc:
         return None, f"skipped {path}: cannot be read ({getattr(exc, 'strerror', None) or exc})"
     try:
-        results = json.loads(text)
+        results = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         return None, f"skipped {path}: not valid JSON (half-written?) at line {exc.lineno} column {exc.colno}"
+    except ValueError as exc:
+        return None, f"skipped {path}: {exc}"
+    except RecursionError:
+        return None, f"skipped {path}: not a dynammo results.json (nested too deeply to read)"
     missing = [k for k in ("method", "acc_matrix") if not isinstance(results, dict) or k not in results]
     if missing:
         return None, f"skipped {path}: not a dynammo results.json (no {' or '.join(missing)})"
+    problem = field_problem(results)
+    if problem:
+        return None, f"skipped {path}: {problem}: damaged or not written by dynammo"
     run = Run(run_dir, results)
     if run.usable and (not run.results["acc_matrix"] or len(run.results.get("acc") or []) != run.tasks_done
                        or len(run.results.get("cost") or []) != run.tasks_done):
