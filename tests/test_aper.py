@@ -127,3 +127,11 @@ def test_an_interruption_inside_the_adaptation_resumes_exactly(tiny_run, tmp_pat
     assert seen == ["backbone", "adapt (adapter)"] and (out / "checkpoints" / "partial.pt").is_file()
     assert main(["resume", str(out)]) == 0
     same_outcome(reference, out)
+
+
+def test_stage_maps_too_small_for_the_adapter_are_refused_before_the_run():
+    from dynammo.errors import UserError
+
+    with pytest.raises(UserError, match=r"img_size=16 leaves the input of layer3, layer4 smaller than 3x3"):
+        make_method("aper", backbone="resnet18", img_size=16)
+    make_method("aper", backbone="resnet18", img_size=16, aper_variant="finetune")  # no adapter: any size

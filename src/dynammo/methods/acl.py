@@ -65,6 +65,27 @@ def heads_loss(logits: List[torch.Tensor], y: torch.Tensor, bounds: List[tuple],
     return total
 
 
+def check_adapter_stages(cfg) -> None:
+    """Refuse, before anything is written, layer_names that are not stages of the backbone, and an
+    img_size that leaves an adapted stage's input map smaller than the adapter's 3x3 convolution."""
+    with torch.random.fork_rng(devices=[]):  # a throw-away backbone: leave the seeded RNG as it was
+        backbone = build_backbone(cfg.backbone, **backbone_kwargs(cfg))
+    channels = stage_channels(backbone, cfg.layer_names)
+    if cfg.img_size is not None:  # every adapted stage needs a map of at least 3x3
+        sides = {}
+
+        def record(name, x):
+            sides[name] = min(x.shape[-2:])
+            return x
+
+        with torch.no_grad():
+            backbone.eval()(torch.zeros(1, 3, cfg.img_size, cfg.img_size), stage_hook=record)
+        small = [n for n in channels if sides[n] < 3]
+        if small:
+            raise UserError(f"img_size={cfg.img_size} leaves the input of {', '.join(small)} smaller than 3x3, too "
+                            "small for an adapter; raise img_size or set layer_names to other stages")
+
+
 class AdapterNet(FrozenBackboneNet):
     """A backbone (frozen once `freeze_backbone` is called), adapter sets, and one head per task."""
 
@@ -146,22 +167,7 @@ class ACL(Method):
     def check_config(cls, cfg, num_classes: int) -> None:
         super().check_config(cfg, num_classes)
         check_backbone_can_train(cfg, num_classes)
-        with torch.random.fork_rng(devices=[]):  # a throw-away backbone: leave the seeded RNG as it was
-            backbone = build_backbone(cfg.backbone, **backbone_kwargs(cfg))
-        channels = stage_channels(backbone, cfg.layer_names)
-        if cfg.img_size is not None:  # every adapted stage needs a map of at least 3x3
-            sides = {}
-
-            def record(name, x):
-                sides[name] = min(x.shape[-2:])
-                return x
-
-            with torch.no_grad():
-                backbone.eval()(torch.zeros(1, 3, cfg.img_size, cfg.img_size), stage_hook=record)
-            small = [n for n in channels if sides[n] < 3]
-            if small:
-                raise UserError(f"img_size={cfg.img_size} leaves the input of {', '.join(small)} smaller than 3x3, too "
-                                "small for an adapter; raise img_size or set layer_names to other stages")
+        check_adapter_stages(cfg)
 
     @classmethod
     def deviations(cls, cfg) -> List[str]:

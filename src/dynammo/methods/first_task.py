@@ -26,6 +26,7 @@ from dynammo.config import Option
 from dynammo.data.scenario import Task, task_sizes
 from dynammo.engine import Batch, OptimSettings
 from dynammo.errors import UserError
+from dynammo.methods.acl import check_adapter_stages
 from dynammo.models.adapters import AdapterSet, stage_channels
 from dynammo.models.backbones import backbone_has_stages
 
@@ -38,9 +39,11 @@ CNN_ADAPTER_DEVIATION = ("first-task adapter = ACL's residual adapters at the in
 
 def check_adaptation(cfg, num_classes: int, variant: str, key: str) -> None:
     """Refuse, before anything is written, an adaptation the backbone or the first task cannot take."""
-    if variant == "adapter" and not backbone_has_stages(cfg.backbone):
-        raise UserError(f"{key}=adapter puts ACL's adapters at the input of residual stages, and backbone="
-                        f"{cfg.backbone} has none; set {key}=finetune (or a ResNet/EfficientNet backbone)")
+    if variant == "adapter":
+        if not backbone_has_stages(cfg.backbone):
+            raise UserError(f"{key}=adapter puts ACL's adapters at the input of residual stages, and backbone="
+                            f"{cfg.backbone} has none; set {key}=finetune (or a ResNet/EfficientNet backbone)")
+        check_adapter_stages(cfg)
     if variant != "none" and not isinstance(cfg.dataset, list) \
             and task_sizes(num_classes, cfg.init_cls, cfg.increment)[0] == 1:
         raise UserError(f"{key}={variant} trains on the first task with cross-entropy, and a one-class first task "
