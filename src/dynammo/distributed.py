@@ -5,15 +5,17 @@ The design keeps every rank an exact replica of the others and of the one-proces
 stream of random draws:
 - `batch_size` is the global batch. Every rank reads and augments the whole global batch with the
   shared seeded generator (the same draws as one process), then trains on its contiguous slice.
-- One all-reduce per step sums the gradients, weighted by slice size over global batch size, so
-  the step is the global batch's mean gradient. Terms every rank computes identically (a replay
-  batch drawn from the shared generator) keep their value, since the weights sum to 1. It runs
-  between backward and the methods' `before_step`, so GEM projects the global gradient. No DDP
-  wrapper: models grow every task and methods call their submodules directly.
+- Each rank weights its slice's loss by slice size over global batch size before backward, and
+  one all-reduce per step sums the gradients, so the step is the global batch's mean gradient.
+  Terms every rank computes identically (a replay batch drawn from the shared generator) keep
+  their value, since the weights sum to 1. The reduction runs between backward and the methods'
+  `before_step`, so GEM projects the global gradient. No DDP wrapper: models grow every task and
+  methods call their submodules directly.
 - What a method computes from its data between steps (herding features, class means) goes
   through the sharded, gathered `Engine.apply`, so every rank selects the same memory.
-- BatchNorm normalises the local slice; its running statistics are averaged over ranks at the
-  end of every fit, before anything reads them.
+- BatchNorm that trains normalises every slice with the global batch's statistics, and its
+  backward sums over the global batch (global_batchnorm.py), so the running statistics are the
+  same on every rank and equal one process's.
 - Rank 0 writes results, logs and checkpoints; every rank reads them when resuming.
 """
 from __future__ import annotations
@@ -97,15 +99,16 @@ class World:
         return torch.device("cpu")
 
     # ---- the step ----
-    def reduce_gradients(self, params: Sequence[torch.nn.Parameter], weight: float, stop: bool) -> bool:
-        """Replace each parameter's gradient by the weighted sum over ranks (a gradient no rank has
-        stays None, as in one process: SGD's momentum and weight decay skip it); returns whether
-        any rank asked to stop. One flat all-reduce per step."""
+    def reduce_gradients(self, params: Sequence[torch.nn.Parameter], stop: bool) -> bool:
+        """Replace each parameter's gradient by its sum over ranks (each rank's loss was weighted by
+        its slice's share of the batch; a gradient no rank has stays None, as in one process: SGD's
+        momentum and weight decay skip it); returns whether any rank asked to stop. One flat
+        all-reduce per step."""
         if not self.distributed:
             return stop
         dev = params[0].device
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-        pieces = [(p.grad.detach().to(dtype).reshape(-1) * weight if p.grad is not None
+        pieces = [(p.grad.detach().to(dtype).reshape(-1) if p.grad is not None
                    else torch.zeros(p.numel(), device=dev, dtype=dtype)) for p in params]
         flags = [1.0 if p.grad is not None else 0.0 for p in params] + [1.0 if stop else 0.0]
         flat = torch.cat(pieces + [torch.tensor(flags, device=dev, dtype=dtype)])
@@ -120,17 +123,6 @@ class World:
             p.grad = flat[offset: offset + n].view_as(p).to(p.dtype).clone() if count > 0 else None
             offset += n
         return bool(flat[-1].item() > 0)
-
-    def average_float_buffers(self, module: torch.nn.Module) -> None:
-        """BatchNorm running statistics (float buffers) averaged over ranks, so every rank holds the
-        same model; integer buffers (num_batches_tracked) are equal on every rank already."""
-        if not self.distributed:
-            return
-        for buf in module.buffers():
-            if buf.is_floating_point():
-                moved = buf.detach().to(self.device()).float()
-                self.mean_(moved)
-                buf.copy_(moved.to(buf.device, buf.dtype))
 
 
 _WORLD = World()

@@ -33,6 +33,7 @@ from dynammo.config import Option
 from dynammo.data.memory import ReservoirBuffer
 from dynammo.engine import Batch, OptimSettings
 from dynammo.errors import UserError
+from dynammo.global_batchnorm import shared_pass
 from dynammo.methods import METHODS
 from dynammo.methods.base import Method
 
@@ -96,13 +97,19 @@ class DERpp(Method):
         x = self.engine.train_tf(raw.to(self.device), self.engine.generator)
         return x, labels.to(self.device), {k: v.to(self.device) for k, v in extras.items()}
 
+    def replay_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Every process draws the same whole replay batch: BatchNorm takes its own statistics, as
+        one process does."""
+        with shared_pass():
+            return self.net(x)
+
     def logit_replay_loss(self) -> torch.Tensor:
         x, _, extras = self.replay_batch()
-        return stored_logits_mse(self.net(x), extras["logits"], extras["logit_cols"])
+        return stored_logits_mse(self.replay_logits(x), extras["logits"], extras["logit_cols"])
 
     def label_replay_loss(self) -> torch.Tensor:
         x, y, _ = self.replay_batch()
-        return F.cross_entropy(self.net(x), y)
+        return F.cross_entropy(self.replay_logits(x), y)
 
     def step(self, batch: Batch):
         logits = self.net(batch.x)

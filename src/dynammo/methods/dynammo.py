@@ -100,8 +100,8 @@ class DynaMMo(ACL):
     def reestimate_bn(self, data: ImageSet) -> None:
         merged = self.net.merged
         self.net.eval()
-        with bn_reestimation(merged):
-            self.engine.apply(lambda x: self.net.encode(x, merged), data)
+        with bn_reestimation(merged):  # every process runs every batch: the same statistics everywhere
+            self.engine.apply(lambda x: self.net.encode(x, merged), data, shard=False)
         self.net.eval()
 
     def herding_adapters(self) -> AdapterSet:

@@ -33,7 +33,8 @@ def aggregate_proxies(similarities: torch.Tensor, proxies: int) -> torch.Tensor:
     class's K proxies weights their similarities (PODNet's LSC). K = 1 leaves them unchanged."""
     if proxies == 1:
         return similarities
-    s = similarities.view(similarities.shape[0], -1, proxies)
+    # explicit class count: -1 is ambiguous for an empty batch (an empty slice of a multi-process step)
+    s = similarities.view(similarities.shape[0], similarities.shape[1] // proxies, proxies)
     return (torch.softmax(s, dim=2) * s).sum(dim=2)
 
 
