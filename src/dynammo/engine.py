@@ -20,6 +20,7 @@ from dynammo.data.loader import epoch_order, iterate_batches, num_batches
 from dynammo.data.transforms import BatchTransform
 from dynammo.errors import RunInterrupted, UserError, is_allocation_failure
 from dynammo.distributed import World
+from dynammo.global_batchnorm import trains_batchnorm, training_step
 from dynammo.journal import FitJournal, rng_state, set_rng_state
 
 
@@ -153,13 +154,30 @@ class EpochSums:
         return loss / max(seen, 1), (100.0 * correct / counted if counted else None)
 
 
+# Passes whose outputs feed training (herding features, class means, weight imprinting, BatchNorm
+# re-estimation) run at this fixed batch: a float result depends slightly on the batch it was
+# computed in, and eval_batch_size must not change what a run trains (it is result-neutral).
+INTERNAL_BATCH_SIZE = 256
+
+# A stage diverged when its last epoch's mean loss ends above both DIVERGENCE_RATIO times its first
+# epoch's and DIVERGENCE_FLOOR (a loss that doubles from 0.01 is noise, not divergence); a loss that
+# turns NaN or infinite stops the run (`_end_epoch`).
+DIVERGENCE_RATIO = 2.0
+DIVERGENCE_FLOOR = 1.0
+
+
+def diverged(first_loss: float, last_loss: float) -> bool:
+    return last_loss > DIVERGENCE_RATIO * first_loss and last_loss > DIVERGENCE_FLOOR
+
+
 # A step's loss: returns (loss, logits for the running accuracy or None, targets for it or None)
 LossFn = Callable[[Batch], Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]]
 
 
 def _allocation_guard(batch_key: str):
     """A failed allocation inside (CPU allocator, CUDA out of memory) -> one line naming the keys
-    that size it, not a traceback."""
+    that size it, not a traceback. An `apply` pass without a batch_size runs at the fixed internal
+    batch, which no key sizes."""
     def deco(fn):
         @functools.wraps(fn)
         def guarded(self, *args, **kwargs):
@@ -169,9 +187,12 @@ def _allocation_guard(batch_key: str):
                 if not is_allocation_failure(exc):
                     raise
                 cfg = self.cfg
-                raise UserError(f"out of memory on {self.device} ({exc.__class__.__name__}) at {batch_key}="
-                                f"{cfg.get(batch_key)}, img_size={cfg.get('img_size')}, backbone {cfg.get('backbone')}; "
-                                f"lower {batch_key} or img_size") from None
+                internal = fn.__name__ == "apply" and not kwargs.get("batch_size") and len(args) < 3
+                where = (f"the internal batch of {INTERNAL_BATCH_SIZE} images (features that feed training)"
+                         if internal else f"{batch_key}={cfg.get(batch_key)}")
+                lower = "img_size" if internal else f"{batch_key} or img_size"
+                raise UserError(f"out of memory on {self.device} ({exc.__class__.__name__}) at {where}, img_size="
+                                f"{cfg.get('img_size')}, backbone {cfg.get('backbone')}; lower {lower}") from None
         return guarded
     return deco
 
@@ -194,6 +215,7 @@ class Engine:
         self.task_label = ""
         self.trained_params: Dict[int, int] = {}  # id -> numel of every parameter trained this task
         self.stages: List[dict] = []  # the fit stages of this task: stage, epochs, images
+        self.diverged: List[dict] = []  # the stages of this task whose loss diverged: stage, first/last loss
         self.last_optimizer_state: Optional[dict] = None
         self._tb_step: Dict[str, int] = {}
         self.compute = compute_path(cfg, device)  # autocast dtype and image layout (config amp, memory_format)
@@ -201,7 +223,8 @@ class Engine:
         # raised by a SIGINT/SIGTERM handler: stop at the next batch boundary (after a partial checkpoint)
         self.stop_requested: Optional[str] = None
         self.checkpoint_every = int(cfg.get("checkpoint_every", 0) or 0)
-        # the network whose BatchNorm statistics a distributed fit averages over ranks (build_run)
+        # the method's current network (build_run): its layout is prepared for the compute path, and
+        # on several processes its BatchNorm layers tell whether an empty slice joins a step
         self.network: Callable[[], Optional[nn.Module]] = lambda: None
 
     def set_transforms(self, train_tf: BatchTransform, test_tf: BatchTransform) -> None:
@@ -213,7 +236,7 @@ class Engine:
     def begin_task(self, label: str) -> None:
         """A new task: its accounting starts empty; a distributed run aligns every rank's RNGs on
         rank 0's (what a task builds, e.g. a new head, is drawn from them)."""
-        self.task_label, self.trained_params, self.stages = label, {}, []
+        self.task_label, self.trained_params, self.stages, self.diverged = label, {}, [], []
         if self.world.distributed:
             set_rng_state(self.world.broadcast(rng_state(self.generator)), self.generator)
         if self.journal is not None:
@@ -223,7 +246,7 @@ class Engine:
         if self.journal is not None:
             self.journal.end_task()
         return TaskLog(int(sum(self.trained_params.values())), sum(st["images"] for st in self.stages),
-                       list(self.stages))
+                       list(self.stages), list(self.diverged))
 
     def should_stop(self) -> bool:
         """Whether to stop now; in a distributed run every rank answers alike."""
@@ -255,6 +278,7 @@ class Engine:
         if call is not None and call.finished is not None:
             self.last_optimizer_state = call.finished["optimizer"]
             self.console.print(f"{self.task_label} {stage}: restored from the interrupted run")
+            self._check_divergence(stage, call.finished["stats"], settings.epochs)
             return call.finished["stats"]
         self.compute.prepare_module(self.network())  # channels-last weights: no reorder per convolution
         opt = settings.optimizer(params)
@@ -302,7 +326,8 @@ class Engine:
             lr = opt.param_groups[0]["lr"]
             if sched is not None:
                 sched.step()
-            stats = self._end_epoch(sums, lr, stage, epoch, settings.epochs, time.perf_counter() - t0)
+            stats = self._end_epoch(sums, lr, stage, epoch, settings.epochs, time.perf_counter() - t0,
+                                    stats.get("first_loss"))
             more = epoch + 1 < settings.epochs
             stop = more and self.should_stop()
             if stop or (more and self.checkpoint_every and (epoch + 1) % self.checkpoint_every == 0):
@@ -310,7 +335,7 @@ class Engine:
                 if stop:
                     raise RunInterrupted(f"{self.stop_requested or 'a signal to another process'} in "
                                          f"{self.task_label} {stage} after epoch {epoch + 1}")
-        self._sync_buffers()
+        self._check_divergence(stage, stats, settings.epochs)
         self.last_optimizer_state = opt.state_dict()
         if call is not None:
             call.finish(stats, self.last_optimizer_state)
@@ -331,18 +356,26 @@ class Engine:
 
     def _train_step(self, batch: Batch, global_n: int, params, loss_fn: LossFn, opt, scaler, before_step,
                     after_step, sums: EpochSums) -> bool:
-        """One optimiser step on the global batch; returns whether to stop after it."""
+        """One optimiser step on the global batch; returns whether to stop after it.
+
+        On several processes each slice's loss is weighted by its share of the global batch before
+        backward (so BatchNorm's backward sums the global loss's gradient), and the gradients are
+        summed over processes. A process whose slice of a short last batch is empty still runs the
+        step when BatchNorm trains, to take part in its collectives (its weight is 0)."""
         opt.zero_grad(set_to_none=True)
         n = len(batch.y)
-        if n:  # a rank whose slice of a short last batch is empty only takes part in the reduction
-            with self.autocast():
-                loss, logits, target = loss_fn(batch)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-            else:
-                loss.backward()
-            sums.add(loss, n, logits, target)
-        stop = self.world.reduce_gradients(params, n / global_n, bool(self.stop_requested))
+        if n or trains_batchnorm(self.network()):
+            with training_step(self.world):
+                with self.autocast():
+                    loss, logits, target = loss_fn(batch)
+                weighted = loss * (n / global_n) if self.world.distributed else loss
+                if scaler is not None:
+                    scaler.scale(weighted).backward()
+                else:
+                    weighted.backward()
+            if n:
+                sums.add(loss, n, logits, target)
+        stop = self.world.reduce_gradients(params, bool(self.stop_requested))
         if scaler is not None:
             scaler.unscale_(opt)
         if before_step is not None:
@@ -356,12 +389,16 @@ class Engine:
             after_step()
         return stop
 
-    def _end_epoch(self, sums: EpochSums, lr: float, stage: str, epoch: int, epochs: int, seconds: float) -> dict:
+    def _end_epoch(self, sums: EpochSums, lr: float, stage: str, epoch: int, epochs: int, seconds: float,
+                   first_loss: Optional[float]) -> dict:
+        """The epoch's stats; `first_loss` (the stage's first epoch's mean loss) travels with them, so
+        a resumed stage still knows where it started."""
         mean_loss, acc = sums.totals(self.world)
         if not math.isfinite(mean_loss):
             raise UserError(f"training diverged: loss is {mean_loss} in {self.task_label} {stage} epoch {epoch + 1}; "
                             "lower lrate or use amp=false")
-        stats = {"loss": mean_loss, "acc": acc, "lr": lr, "seconds": seconds}
+        stats = {"loss": mean_loss, "acc": acc, "lr": lr, "seconds": seconds,
+                 "first_loss": mean_loss if first_loss is None else first_loss}
         acc_txt = f" acc {acc:.1f}%" if acc is not None else ""
         self.console.print(f"{self.task_label} {stage} epoch {epoch + 1}/{epochs} loss {mean_loss:.4f}"
                            f"{acc_txt} lr {lr:.2g} ({seconds:.1f}s)")
@@ -370,11 +407,15 @@ class Engine:
             self._tb_scalar(f"train/{stage}/acc", acc)
         return stats
 
-    def _sync_buffers(self) -> None:
-        """Distributed: the modules trained here hold per-rank BatchNorm statistics; average them."""
-        net = self.network() if self.world.distributed else None
-        if net is not None:
-            self.world.average_float_buffers(net)
+    def _check_divergence(self, stage: str, stats: dict, epochs: int) -> None:
+        """A stage whose loss ended far above where it started is recorded (results.json
+        `diverged_stages`, the report's tables) and named in one warning line."""
+        first, last = stats.get("first_loss"), stats.get("loss")
+        if first is None or last is None or not diverged(first, last):
+            return
+        self.diverged.append({"stage": stage, "first_loss": first, "last_loss": last})
+        self.console.print(f"warning: {self.task_label} {stage} diverged: mean loss {first:.4f} in epoch 1, {last:.4f} "
+                           f"in epoch {epochs}; its results are marked diverged (lower lrate)")
 
     def _tb_scalar(self, tag: str, value: float) -> None:
         if self.tb is not None:
@@ -384,20 +425,25 @@ class Engine:
 
     @_allocation_guard("eval_batch_size")
     @torch.no_grad()
-    def apply(self, fn: Callable[[torch.Tensor], object], data: ImageSet, batch_size: Optional[int] = None):
+    def apply(self, fn: Callable[[torch.Tensor], object], data: ImageSet, batch_size: Optional[int] = None,
+              shard: bool = True):
         """Run fn on every (test-transformed) batch of data; returns the outputs concatenated
-        (a tensor, or a dict of tensors). A distributed run splits the batches into contiguous
-        shards, one per rank, and gathers them in order: every rank gets all outputs, each image once."""
-        batch_size = batch_size or self.cfg.eval_batch_size
-        start, end = self.world.share(num_batches(len(data), batch_size))
-        if self.world.distributed:  # this rank's whole batches: the same batches as one process
+        (a tensor, or a dict of tensors). batch_size: the evaluation's (eval_batch_size), for passes
+        that only measure; without it, INTERNAL_BATCH_SIZE, whatever eval_batch_size says. A
+        distributed run splits the batches into contiguous shards, one per rank, and gathers them in
+        order: every rank gets all outputs, each image once. shard=False: every rank runs every
+        batch (a pass whose side effect, BatchNorm re-estimation, every rank must share)."""
+        batch_size = batch_size or INTERNAL_BATCH_SIZE
+        sharded = self.world.distributed and shard
+        if sharded:  # this rank's whole batches: the same batches as one process
+            start, end = self.world.share(num_batches(len(data), batch_size))
             data = data.subset(torch.arange(min(start * batch_size, len(data)), min(end * batch_size, len(data))))
         outs = []
         for raw, _, idx in iterate_batches(data, batch_size, shuffle=False, num_workers=self.cfg.num_workers):
             x = self.test_tf(raw.to(self.device, non_blocking=True), aspect=data.aspect_of(idx))
             with self.autocast():
                 outs.append(_to_cpu(fn(x)))
-        if self.world.distributed:
+        if sharded:
             outs = [o for part in self.world.gather(outs) for o in part]
         if not outs:
             return None
@@ -424,3 +470,4 @@ class TaskLog:
     params_trainable: int
     train_images: int
     stages: List[dict]
+    diverged: List[dict] = field(default_factory=list)  # stages whose loss diverged: stage, first/last loss

@@ -16,6 +16,7 @@ import yaml
 from dynammo import __version__
 from dynammo.errors import UserError
 from dynammo.io import save_torch_atomic, write_bytes_atomic, write_json_atomic, write_text_atomic
+from dynammo.sealing import sealed
 
 CSV_FIELDS = ["task", "classes", "acc", "mcr", "task_il_acc", "avg_acc_so_far", "ece", "openset_auroc",
               "openset_fpr95", "params_total",
@@ -79,12 +80,12 @@ class RunWriter:
 
     def save_checkpoint(self, task_id: int, state: dict) -> Path:
         path = self.dir / "checkpoints" / f"task_{task_id}.pt"
-        save_torch_atomic(path, state)
+        save_torch_atomic(path, sealed(state))
         return path
 
     def save_partial(self, state: dict) -> None:
         """The state inside a task (every checkpoint_every epochs, and on SIGINT/SIGTERM)."""
-        save_torch_atomic(self.dir / "checkpoints" / "partial.pt", state)
+        save_torch_atomic(self.dir / "checkpoints" / "partial.pt", sealed(state))
 
     def remove_partial(self) -> None:
         (self.dir / "checkpoints" / "partial.pt").unlink(missing_ok=True)
@@ -223,4 +224,10 @@ def run_identity_lines(results: dict) -> List[str]:
     out += [f"deviation: {d}" for d in results.get("deviations") or []]
     if results.get("untuned"):
         out.append(f"untuned: {results.get('untuned_reason')}")
+    out += [f"diverged: {diverged_stage_text(d)}" for d in results.get("diverged_stages") or []]
     return out
+
+
+def diverged_stage_text(d: dict) -> str:
+    """'task 2 classifier: loss 2.600 -> 10.600' for an entry of results.json `diverged_stages`."""
+    return f"task {d['task']} {d['stage']}: loss {d['first_loss']:.3f} -> {d['last_loss']:.3f}"

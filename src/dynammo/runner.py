@@ -353,7 +353,7 @@ def evaluate(cfg, method, engine, scenario, task, metrics: ContinualMetrics) -> 
     method.eval_mode()
     check_eval_mode(method)  # else BatchNorm makes the accuracy depend on the test batch
     test = scenario.test_data_seen(task)
-    out = engine.apply(method.predict, test)
+    out = engine.apply(method.predict, test, batch_size=cfg.eval_batch_size)  # measures only: nothing feeds training
     y = test.labels
     logits = out["logits"]
     pred = out["pred"].long() if "pred" in out else logits.argmax(1)
@@ -377,7 +377,7 @@ def open_set(cfg, method, engine, scenario, task, seen_out: dict) -> Optional[di
     unseen = scenario.test_data_unseen(task)
     if not len(unseen):
         return None
-    unseen_out = engine.apply(method.predict, unseen)
+    unseen_out = engine.apply(method.predict, unseen, batch_size=cfg.eval_batch_size)
     known, unknown = known_score(seen_out), known_score(unseen_out)
     values = open_set_metrics(known, unknown)
     return {**{k: 100.0 * v for k, v in values.items()}, "n_known": len(known), "n_unknown": len(unknown)}
@@ -447,6 +447,7 @@ def _train_all_tasks(cfg, method, engine, data, scenario, writer, console, progr
         if engine.world.distributed:
             check_ranks_agree(method, engine, results, console)
         results.setdefault("budget", []).append(log.stages)
+        results.setdefault("diverged_stages", []).extend({"task": task.id + 1, **d} for d in log.diverged)
         results.update(metrics.summary())
         progress.rows.append({"task": task.id + 1, "classes": task.end, "acc": metrics.acc[-1], "mcr": metrics.mcr[-1],
                               "task_il_acc": metrics.task_il_acc[-1] if metrics.task_il_acc else None,

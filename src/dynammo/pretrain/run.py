@@ -171,14 +171,15 @@ class Pretraining:
     def monitor(self, with_knn: bool) -> dict:
         self.model.eval()
         try:
-            probe = self.engine.apply(self.model.probe, self.probe)
+            batch = self.cfg.eval_batch_size  # the monitor only measures: nothing here feeds training
+            probe = self.engine.apply(self.model.probe, self.probe, batch_size=batch)
             feats = probe["feature"]
             out = {"feature_std": feature_std(feats), "feature_spread": feature_spread(feats),
                    "embed_spread": feature_spread(probe["embed"]), "knn_acc": None}
             knn = self.data.knn
             if with_knn and knn is not None:
-                bank = self.engine.apply(self.model.backbone, knn.bank)
-                test = self.engine.apply(self.model.backbone, knn.test)
+                bank = self.engine.apply(self.model.backbone, knn.bank, batch_size=batch)
+                test = self.engine.apply(self.model.backbone, knn.test, batch_size=batch)
                 out["knn_acc"] = knn_accuracy(bank, knn.bank.labels, test, knn.test.labels, self.cfg.knn_k,
                                               knn.num_classes, self.cfg.knn_vote, self.cfg.knn_temperature)
         finally:

@@ -106,7 +106,8 @@ def report_json(report: Report) -> dict:
                                                     "state": u.state_text()} for u in s.unfinished],
             "rows": [{"label": r.label, "method": r.method, "classifier": r.classifier, "seeds": r.seeds,
                       "runs": [str(x.dir) for x in r.runs], "best": r.best, "budget": r.budget,
-                      "deviations": r.deviations, "stats": {k: _stat_json(v) for k, v in r.stats.items()}}
+                      "deviations": r.deviations, "diverged": r.diverged,
+                      "stats": {k: _stat_json(v) for k, v in r.stats.items()}}
                      for r in s.rows],
         } for s in report.sections],
     }

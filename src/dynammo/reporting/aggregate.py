@@ -9,6 +9,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from dynammo.report import diverged_stage_text
 from dynammo.reporting.discover import Run
 
 
@@ -117,11 +118,12 @@ class Row:
     budget: str = ""
     best: List[str] = field(default_factory=list)  # keys of the columns where this row is best
     untuned: bool = False  # a run trained with the generic optimiser: no method file for this protocol
+    diverged: List[str] = field(default_factory=list)  # "seed S: task T stage: loss a -> b", one per diverged stage
 
     @property
     def name(self) -> str:
         name = self.label if self.classifier is None else f"{self.label}, {self.classifier} classifier (extra)"
-        return name + (" [untuned]" if self.untuned else "")
+        return name + (" [diverged]" if self.diverged else "") + (" [untuned]" if self.untuned else "")
 
     @property
     def seeds(self) -> list:
@@ -189,6 +191,8 @@ def _row(label: str, runs: List[Run], classifier: Optional[str]) -> Row:
         row.stats[col.key] = mean_std([GETTERS[col.key](row.metrics_of(r), r.results) for r in runs])
     row.deviations = list(dict.fromkeys(d for r in runs for d in (r.results.get("deviations") or [])))
     row.untuned = any(r.results.get("untuned") for r in runs)
+    row.diverged = [f"seed {r.seed}: {diverged_stage_text(d)}"
+                    for r in runs for d in r.results.get("diverged_stages") or []]
     budgets = list(dict.fromkeys(budget_text(r.results) for r in runs))
     row.budget = budgets[0] if len(budgets) == 1 else " | ".join(f"seed {r.seed}: {budget_text(r.results)}" for r in runs)
     return row
@@ -245,6 +249,9 @@ def build_sections(runs: List[Run], unfinished: Sequence[Run] = ()) -> List[Sect
             if section.rows[-1].untuned:
                 reason = next(r.results.get("untuned_reason") for r in lruns if r.results.get("untuned"))
                 section.warnings.append(f"{label} is untuned: {reason}")
+            for text in section.rows[-1].diverged:
+                section.warnings.append(f"{label} diverged in {text}: its numbers are those of a run whose training "
+                                        "loss ended far above where it started")
             extras = set.intersection(*(set(r.results.get("extra") or {}) for r in lruns))
             for extra in sorted(extras):
                 section.rows.append(_row(label, lruns, extra))

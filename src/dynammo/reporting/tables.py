@@ -110,7 +110,7 @@ def csv_text(sections: List[Section]) -> str:
     head = ["protocol", "protocol_hash", "metric", "method", "label", "classifier", "n_seeds", "seeds"]
     for c in COLUMNS:
         head += [f"{c.key}_mean", f"{c.key}_std"]
-    w.writerow(head + ["best", "budget", "deviations", "untuned", "runs"])
+    w.writerow(head + ["best", "budget", "deviations", "untuned", "runs", "diverged"])
     for s in sections:
         for row in s.rows:
             cells = [s.name or "", s.hash, s.metric, row.method, row.label, row.classifier or "", len(row.runs),
@@ -118,7 +118,8 @@ def csv_text(sections: List[Section]) -> str:
             for c in COLUMNS:
                 st = row.stats.get(c.key)
                 cells += ["" if st is None else repr(st.mean), "" if st is None or st.std is None else repr(st.std)]
-            cells += [";".join(row.best), row.budget, " | ".join(row.deviations), int(row.untuned), ";".join(str(r.dir) for r in row.runs)]
+            cells += [";".join(row.best), row.budget, " | ".join(row.deviations), int(row.untuned), ";".join(str(r.dir) for r in row.runs),
+                      " | ".join(row.diverged)]
             w.writerow(cells)
     return buf.getvalue()
 
