@@ -100,7 +100,7 @@ def _cmd_cost(args) -> int:
 def _cmd_export(args) -> int:
     from dynammo.deploy import export_run
 
-    meta = export_run(args.run_dir, args.out, args.task)
+    meta = export_run(args.run_dir, args.out, args.task, force=args.force)
     print(f"wrote {args.out}: {meta['method']} after task {meta['task']}/{meta['tasks']}, {len(meta['class_names'])} "
           f"classes, input uint8 {'x'.join(map(str, meta['input_shape']))}")
     return 0
@@ -109,7 +109,7 @@ def _cmd_export(args) -> int:
 def _cmd_predict(args) -> int:
     from dynammo.deploy import predict_files, print_predictions
 
-    print_predictions(predict_files(args.model, args.images, args.batch_size), args.csv)
+    print_predictions(predict_files(args.model, args.images, args.batch_size, args.max_image_pixels), args.csv)
     return 0
 
 
@@ -237,12 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", help="a run directory written by `dynammo run`")
     export.add_argument("--out", required=True, help="the model file to write (e.g. model.pt)")
     export.add_argument("--task", type=int, help="use the checkpoint after this task (1-based; default: the last)")
+    export.add_argument("--force", action="store_true", help="replace --out even when it is not an earlier export")
     export.set_defaults(func=_cmd_export)
     predict = sub.add_parser("predict", help="classify image files with an exported model")
     predict.add_argument("model", help="a file written by `dynammo export`")
     predict.add_argument("images", nargs="+", help="image files or folders of images")
     predict.add_argument("--csv", action="store_true", help="print CSV (image,class,class_id,confidence)")
     predict.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    predict.add_argument("--max-image-pixels", type=int, help="refuse larger images (default: PIL's "
+                                                                "decompression-bomb limit, 89,478,485)")
     predict.set_defaults(func=_cmd_predict)
     report = sub.add_parser("report", help="tables (md, csv, tex), figures and one HTML page from run directories, "
                                            "mean ± sample std over seeds, one section per protocol")

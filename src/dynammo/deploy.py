@@ -14,12 +14,11 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
-from dynammo.data.imageset import decode_image, resize_uint8
 from dynammo.errors import UserError
 from dynammo.io import write_atomic
 
@@ -54,10 +53,12 @@ class DeployedClassifier(nn.Module):
         return decision(self.predict_fn(x))
 
 
-def export_run(run_dir, out, task=None) -> dict:
-    """Write the model of run_dir's checkpoint (the last, or after `task`) to `out`; returns the metadata."""
+def export_run(run_dir, out, task=None, force: bool = False) -> dict:
+    """Write the model of run_dir's checkpoint (the last, or after `task`) to `out`, atomically; an
+    existing file is replaced only when it is an earlier export (or `force`). Returns the metadata."""
     from dynammo.checkpoints import checkpoint_path, load_checkpoint, read_run_config, restore_method
 
+    check_export_target(Path(out), force)
     cfg = read_run_config(run_dir)
     path = checkpoint_path(run_dir, task)
     ckpt = load_checkpoint(path)
@@ -80,25 +81,59 @@ def export_run(run_dir, out, task=None) -> dict:
     return meta
 
 
+def is_earlier_export(path: Path) -> bool:
+    """A file `dynammo export` wrote: a zip whose extra/dynammo.json names our format (read as text only)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            metas = [n for n in zf.namelist() if n.endswith(f"/extra/{META_FILE}") and n.count("/") == 2]
+            if len(metas) != 1 or zf.getinfo(metas[0]).file_size > 1 << 24:
+                return False
+            return json.loads(zf.read(metas[0])).get("format") == FORMAT
+    except (zipfile.BadZipFile, OSError, ValueError, AttributeError, RecursionError):
+        return False
+
+
+def check_export_target(out: Path, force: bool) -> None:
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory; give the path of the model file to write (e.g. {out / 'model.pt'})")
+    if out.exists() and not force and not is_earlier_export(out):
+        raise UserError(f"--out {out} exists and is not a model written by `dynammo export`; choose another --out, "
+                        "or add --force to replace it")
+
+
 def load_exported(path) -> Tuple[nn.Module, dict]:
-    """(callable module, metadata) of an exported file; needs only torch."""
+    """(callable module, metadata) of a file written by `dynammo export`; needs only torch and dynammo.
+
+    The safe way to load a model received from elsewhere: the archive is checked first
+    (dynammo/export_archive.py) and refused, in one line naming the entry, when anything in it would
+    be unpickled beyond plain tensors or executed; a bare `torch.export.load` would run such code."""
+    from dynammo.export_archive import check_export_archive
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"model file {path} does not exist; write one with `dynammo export RUN_DIR --out {path}`")
-    extra = {META_FILE: ""}
+    data = path.read_bytes()  # checked and loaded from the same bytes
+    extra = check_export_archive(data, path)
+    try:
+        meta = json.loads(extra.get(META_FILE, ""))
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise UserError(f"{path} is not a model written by `dynammo export` (format {found!r})")
     torch_log = logging.getLogger("torch")
     level = torch_log.level
-    torch_log.setLevel(logging.ERROR)  # torch logs a traceback before raising on a non-program file
+    torch_log.setLevel(logging.ERROR)  # torch logs a traceback before raising on a damaged program
     try:
-        program = torch.export.load(io.BytesIO(path.read_bytes()), extra_files=extra)  # any file name
-        meta = json.loads(extra[META_FILE])
-    except Exception as exc:  # torch raises many types for a file that is not an exported program
+        program = torch.export.load(io.BytesIO(data))
+        module = program.module()
+    except Exception as exc:  # torch raises many types for a damaged program
         raise UserError(f"{path} is not a model written by `dynammo export` ({exc.__class__.__name__})") from exc
     finally:
         torch_log.setLevel(level)
-    if meta.get("format") != FORMAT:
-        raise UserError(f"{path} is not a model written by `dynammo export` (format {meta.get('format')!r})")
-    return program.module(), meta
+    return module, meta
 
 
 def image_files(paths: Sequence[str]) -> List[Path]:
@@ -117,30 +152,31 @@ def image_files(paths: Sequence[str]) -> List[Path]:
     return files
 
 
-def load_images(files: Sequence[Path], input_shape: Sequence[int]) -> torch.Tensor:
-    """Decode and resize as training did (uint8, antialiased bilinear to the run's input size)."""
-    c, h, w = input_shape
-    out = []
-    for f in files:
-        img = decode_image(str(f), c, None).unsqueeze(0)
-        if img.shape[-2:] != (h, w):
-            if h != w:
-                raise UserError(f"image {f} is {img.shape[-1]}x{img.shape[-2]} but the model takes {w}x{h}; resize it")
-            img = resize_uint8(img, h)
-        out.append(img)
-    return torch.cat(out)
-
-
 @torch.no_grad()
-def predict_files(model_path, paths: Sequence[str], batch_size: int = 64) -> List[dict]:
+def predict_files(model_path, paths: Sequence[str], batch_size: int = 64, max_image_pixels: Optional[int] = None,
+                  notes=None) -> List[dict]:
+    """Rows (image, class, class id, confidence). One note line goes to `notes` (stderr) when images
+    differ from what the model was trained on."""
+    from dynammo.predict_images import PIXELS_FLAG, TrainingMismatch, default_max_pixels, pixel_limit, read_image
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1 (got {batch_size})")
+    if max_image_pixels is not None and max_image_pixels < 1:
+        raise UserError(f"{PIXELS_FLAG} must be at least 1 (got {max_image_pixels})")
+    max_pixels = max_image_pixels or default_max_pixels()
     model, meta = load_exported(model_path)
     files = image_files(paths)
+    seen = TrainingMismatch(meta["input_shape"])
     rows = []
-    for i in range(0, len(files), batch_size):
-        chunk = files[i: i + batch_size]
-        pred, conf = model(load_images(chunk, meta["input_shape"]))
-        for f, k, p in zip(chunk, pred.tolist(), conf.tolist()):
-            rows.append({"image": str(f), "class": meta["class_names"][k], "class_id": k, "confidence": p})
+    with pixel_limit(max_pixels):
+        for i in range(0, len(files), batch_size):
+            chunk = files[i: i + batch_size]
+            pred, conf = model(torch.cat([read_image(f, meta["input_shape"], max_pixels, seen) for f in chunk]))
+            for f, k, p in zip(chunk, pred.tolist(), conf.tolist()):
+                rows.append({"image": str(f), "class": meta["class_names"][k], "class_id": k, "confidence": p})
+    line = seen.line()
+    if line:
+        print(line, file=notes or sys.stderr)
     return rows
 
 
