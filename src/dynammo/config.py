@@ -294,9 +294,11 @@ OPTIONS: Dict[str, Option] = {
     "keep_aspect": Option("bool", False, "record each image's original height / width (read from the file headers) "
                                          "so the resized and centre crops fall where they do on the original image "
                                          "although it is stored squashed to img_size x img_size"),
-    "normalize": Option("str", "auto", "per-channel normalisation statistics: auto (imagenet with pretrained "
-                                        "weights, else dataset) | dataset (a seeded sample of the training set) | "
-                                        "imagenet | none", choices=("auto", "dataset", "imagenet", "none")),
+    "normalize": Option("str", "auto", "per-channel normalisation statistics: auto (with pretrained weights "
+                                        "the statistics they were trained with: imagenet, or inception for "
+                                        "EfficientNet-Lite; else dataset) | dataset (a seeded sample of the "
+                                        "training set) | imagenet | inception (mean = std = 0.5) | none",
+                        choices=("auto", "dataset", "imagenet", "inception", "none")),
     "in_memory": Option("auto_bool", "auto", "hold decoded images in memory: auto | true | false"),
     "max_image_pixels": Option("int", 178_956_970, "an image file of more pixels (width x height) is refused before "
                                                    "it is decoded, a guard against decompression bombs (the default "

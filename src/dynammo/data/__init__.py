@@ -14,7 +14,34 @@ from dynammo.errors import UserError, is_allocation_failure
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# fixed statistics by name (`normalize: NAME`); "inception" (mean = std = 0.5, timm's name for it) is
+# what the EfficientNet-Lite and Inception-style weights were trained with
+FIXED_STATISTICS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "inception": ((0.5,) * 3, (0.5,) * 3),
+                    "none": ((0.0,) * 3, (1.0,) * 3)}
+WEIGHTS_STATISTICS = {"efficientnet_lite": "inception"}  # backbone name prefix -> its weights' statistics
 IN_MEMORY_LIMIT_BYTES = 4 * 1024**3
+
+
+def resolve_normalize(normalize: str, backbone: str, pretrained: bool) -> str:
+    """`normalize: auto`: a pretrained backbone expects the statistics its weights were trained with
+    (ImageNet's, or its family's in WEIGHTS_STATISTICS); a backbone trained here, the data's own."""
+    if normalize != "auto":
+        return normalize
+    if not pretrained:
+        return "dataset"
+    return next((v for k, v in WEIGHTS_STATISTICS.items() if str(backbone).lower().startswith(k)), "imagenet")
+
+
+def normalisation(normalize: str, backbone: str, pretrained: bool, images: ImageSet, seed: int):
+    """(mean, std) per channel for a normalize choice; one value per channel of grayscale images."""
+    mode = resolve_normalize(normalize, backbone, pretrained)
+    if mode in FIXED_STATISTICS:
+        mean, std = FIXED_STATISTICS[mode]
+    else:
+        mean, std = channel_stats(stats_sample(images, seed).images)
+    if len(mean) == 3 and images.channels == 1:
+        mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+    return tuple(mean), tuple(std)
 
 
 @dataclass
@@ -203,17 +230,7 @@ def load_data(cfg, seed: int) -> LoadedData:
     else:
         (p,) = parts
         train, test, class_names, flip = p.train, p.test, list(p.class_names), p.flip
-    normalize = cfg.normalize
-    if normalize == "auto":  # a pretrained backbone expects the statistics it was trained with
-        normalize = "imagenet" if cfg.pretrained else "dataset"
-    if normalize == "imagenet":
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
-    elif normalize == "none":
-        mean, std = (0.0,) * 3, (1.0,) * 3
-    else:
-        mean, std = channel_stats(stats_sample(train, seed).images)
-    if len(mean) == 3 and train.channels == 1:
-        mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+    mean, std = normalisation(cfg.normalize, cfg.backbone, bool(cfg.pretrained), train, seed)
     present = torch.unique(train.labels).numel()
     if present != len(class_names):
         raise UserError(

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from dynammo.data.datasets import DatasetShape, RawDataset, dataset
-from dynammo.data.imageset import ImageSet
+from dynammo.data.imageset import ImageSet, stratified_split
 from dynammo.data.datasets.files import download_file
 from dynammo.errors import UserError
 
@@ -70,16 +70,16 @@ def download(flag: str, file: str, dest: Path) -> None:
     download_file(ZENODO.format(file=file), dest, md5, f"MedMNIST file {dest.name}")
 
 
-def read_npz(path: Path, flag: str):
+def read_npz(path: Path, flag: str, keys=KEYS):
     try:
         npz = np.load(path, allow_pickle=False)
         if not isinstance(npz, np.lib.npyio.NpzFile):  # a bare .npy array saved under the .npz name
             raise UserError(f"{path} is a single array, not a MedMNIST .npz archive (expected keys {', '.join(KEYS)})")
         with npz:
-            missing = [k for k in KEYS if k not in npz.files]
+            missing = [k for k in keys if k not in npz.files]
             if missing:
-                raise UserError(f"{path} lacks {', '.join(missing)}; it is not a MedMNIST file (expected keys {', '.join(KEYS)})")
-            return {k: npz[k] for k in KEYS}
+                raise UserError(f"{path} lacks {', '.join(missing)}; it is not a MedMNIST file (expected keys {', '.join(keys)})")
+            return {k: npz[k] for k in keys}
     except (zipfile.BadZipFile, zlib.error, OSError, ValueError, EOFError) as exc:
         raise UserError(f"{path} is corrupt or truncated ({exc.__class__.__name__}); delete it and download it again") from exc
 
@@ -117,6 +117,29 @@ def make_loader(flag: str, suffix: str):
         return RawDataset(f"{flag}{suffix}", list(names), train, test, flip=True)
 
     return load
+
+
+SUBSET_FILE = "pathmnist_test_subset.npz"
+
+
+@dataset("pathmnist_subset", f"data_root/{SUBSET_FILE}: a 718-image subset of PathMNIST's test split (28 px RGB, "
+                             "9 classes), split here by a seeded stratified split (test_fraction)",
+         shape=DatasetShape(9, 3, 28))
+def load_pathmnist_subset(cfg, root, seed) -> RawDataset:
+    """The PathMNIST subset this project's machines have beside the code (`test_images`,
+    `test_labels` only): no official split exists for it, so a seeded stratified one is made."""
+    path = Path(root) / SUBSET_FILE
+    if not path.is_file():
+        raise UserError(f"{path} not found; set data_root to the folder holding {SUBSET_FILE}")
+    arrays = read_npz(path, "pathmnist", keys=("test_images", "test_labels"))
+    every = to_imageset(arrays["test_images"], arrays["test_labels"], "pathmnist", path)
+    if int(every.labels.max()) >= len(CLASS_NAMES["pathmnist"]):
+        raise UserError(f"{path} has label {int(every.labels.max())}, but PathMNIST has 9 classes")
+    train_idx, test_idx = stratified_split(every.labels.numpy(), cfg.test_fraction, seed)
+    pick = lambda idx: ImageSet(every.labels[idx], images=every.images[idx])
+    return RawDataset("pathmnist_subset", list(CLASS_NAMES["pathmnist"]), pick(train_idx), pick(test_idx), flip=True,
+                      split=f"seeded stratified split of a subset of the official test split, "
+                            f"test_fraction {cfg.test_fraction}, seed {seed}")
 
 
 RGB_FLAGS = ("pathmnist", "dermamnist", "bloodmnist", "retinamnist")  # the others are grayscale
