@@ -18,6 +18,7 @@ from dynammo.data.imageset import ImageSet
 from dynammo.data.scenario import Scenario
 from dynammo.errors import UserError
 from dynammo.methods.base import check_eval_mode
+from dynammo.sealing import check_seal
 
 _CHECKPOINT = re.compile(r"task_(\d+)\.pt$")
 
@@ -72,7 +73,31 @@ def load_checkpoint(path) -> dict:
                         "use an earlier task's checkpoint") from exc
     if not isinstance(state, dict) or "method" not in state or not ("state" in state or "journal" in state):
         raise UserError(f"{path} is not a dynammo checkpoint (no method state in it)")
+    check_seal(state, path)
     return state
+
+
+def _plain(values) -> dict:
+    return yaml.safe_load(yaml.safe_dump(dict(values), sort_keys=True)) or {}  # as config.yaml holds them
+
+
+def check_resume_config(ckpt: dict, cfg, path, config_file) -> dict:
+    """A resume continues the experiment the checkpoint was trained in: refuse a config that differs
+    from the checkpoint's in any key that changes results (naming the keys). Returns the result-neutral
+    keys that differ, {key: {"checkpoint": value, "now": value}}, for results.json. Keys only one side
+    knows (added by a later version) and checkpoints without a config are not compared."""
+    from dynammo.protocols import RESULT_NEUTRAL_KEYS
+
+    if not isinstance(ckpt.get("config"), dict):
+        return {}
+    saved, now = _plain(ckpt["config"]), _plain(cfg)
+    changed = {k: {"checkpoint": saved[k], "now": now[k]} for k in sorted(set(saved) & set(now)) if saved[k] != now[k]}
+    mixed = [k for k in changed if k not in RESULT_NEUTRAL_KEYS]
+    if mixed:
+        shown = ", ".join(f"{k} ({changed[k]['checkpoint']!r} -> {changed[k]['now']!r})" for k in mixed)
+        raise UserError(f"{config_file} differs from the config {path} was trained with in {shown}; a resume must "
+                        "continue the same experiment: restore these values, or start a new run with them")
+    return changed
 
 
 def skeleton_scenario(record: dict) -> Scenario:

@@ -23,14 +23,12 @@ def _cmd_run(args) -> int:
 
 
 def start_run(cfg, notices, out) -> int:
-    """Show the config notices, then run every seed (shared by `dynammo run` and main.py)."""
+    """Run every seed; the config notices are shown once the run can start, so a run refused for bad
+    input prints only its error (shared by `dynammo run` and main.py)."""
     from dynammo.console import Console
     from dynammo.runner import run_experiment
 
-    console = Console(progress=cfg.progress)
-    for n in notices if int(os.environ.get("RANK", "0")) == 0 else ():  # torchrun: rank 0 speaks for all
-        console.print(n)
-    run_experiment(cfg, Path(out) if out else None, console)
+    run_experiment(cfg, Path(out) if out else None, Console(progress=cfg.progress), notices)
     return 0
 
 

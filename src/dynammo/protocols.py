@@ -51,6 +51,11 @@ BACKBONE_SHAPE_KEYS = {"vit_patch_size": "vit_cpu", "vit_embed_dim": "vit_cpu", 
 PROTOCOL_FILE_EXTRA = ("protocol", "data_root", "download", "in_memory", "num_workers")
 # Not hashed: the seed varies between the runs of one protocol (each results.json records its own).
 UNHASHED = ("seed",)
+# Keys that do not change what a run computes (where it runs, what it prints or logs, how often it
+# saves): a resume or a sweep may change them; every other key makes another experiment.
+RESULT_NEUTRAL_KEYS = {"device", "progress", "num_workers", "data_root", "download", "in_memory", "plots",
+                       "tensorboard", "tracking", "mlflow_uri", "mlflow_experiment", "checkpoint_every",
+                       "save_checkpoints", "eval_batch_size"}
 # Keys added after protocols were first hashed: part of the values (and the hash) only when set away
 # from their default, so a protocol that does not use them keeps the hash its earlier runs recorded.
 HASHED_WHEN_SET = ("augment_crop", "test_crop", "keep_aspect", "shuffle_rule")

@@ -8,7 +8,7 @@ import time
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -43,8 +43,9 @@ def seeds_of(cfg) -> List[int]:
     return list(cfg.seed) if isinstance(cfg.seed, list) else [cfg.seed]
 
 
-def run_experiment(cfg: Config, out: Optional[Path], console: Console) -> List[dict]:
-    """Run every seed; with several seeds each gets out/seed<N>/ and out/summary.json is written."""
+def run_experiment(cfg: Config, out: Optional[Path], console: Console, notices: Sequence[str] = ()) -> List[dict]:
+    """Run every seed; with several seeds each gets out/seed<N>/ and out/summary.json is written. The
+    config's notices are printed once the first run can start (rank 0 of a distributed run)."""
     cfg, console = join_world(cfg, console)
     world = current_world()
     out = Path(world.broadcast(str(out) if out is not None else str(default_run_dir(cfg))))  # one name for all ranks
@@ -55,7 +56,8 @@ def run_experiment(cfg: Config, out: Optional[Path], console: Console) -> List[d
     for seed in seeds:
         run_cfg = cfg.copy()
         run_cfg["seed"] = seed
-        results.append(run_single(run_cfg, out if len(seeds) == 1 else out / f"seed{seed}", console))
+        results.append(run_single(run_cfg, out if len(seeds) == 1 else out / f"seed{seed}", console,
+                                  notices if not results else ()))
     if len(seeds) > 1:
         summary = summarize(results)
         if world.main:
@@ -130,7 +132,7 @@ def run_writer(cfg, run_dir: Path, resume: bool = False):
     return RunWriter(run_dir, cfg, tensorboard=tensorboard_on(cfg), resume=resume)
 
 
-def run_single(cfg: Config, run_dir: Path, console: Console) -> dict:
+def run_single(cfg: Config, run_dir: Path, console: Console, notices: Sequence[str] = ()) -> dict:
     run_dir = Path(run_dir)
     check_run_dir(run_dir)
     check_tracking(cfg)
@@ -139,6 +141,8 @@ def run_single(cfg: Config, run_dir: Path, console: Console) -> dict:
     progress = Progress.fresh(cfg, data, scenario)
     tracker = run_tracker(cfg, run_dir, console)
     tracker.start(progress.results)  # before anything is written: an unreachable store stops here
+    for line in notices:  # every check has passed: the run starts now
+        console.print(line)
     writer = run_writer(cfg, run_dir)
     return _run(cfg, data, scenario, engine, method, writer, console, progress, tracker)
 
@@ -146,7 +150,7 @@ def run_single(cfg: Config, run_dir: Path, console: Console) -> dict:
 def resume_run(run_dir, console: Console, device: Optional[str] = None) -> dict:
     """Continue an interrupted run from its last checkpoint (and its partial checkpoint inside the
     next task, if any); the result equals an uninterrupted run's (bit-for-bit on CPU)."""
-    from dynammo.checkpoints import available_checkpoints, load_checkpoint, read_run_config
+    from dynammo.checkpoints import available_checkpoints, check_resume_config, load_checkpoint, read_run_config
 
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
@@ -167,6 +171,9 @@ def resume_run(run_dir, console: Console, device: Optional[str] = None) -> dict:
         check_same_run(ckpt, cfg, data, scenario, found[max(found)])
         method.load_state_dict(ckpt["state"])
         progress = Progress.restore(ckpt)
+        changed = check_resume_config(ckpt, cfg, found[max(found)], run_dir / "config.yaml")
+        if changed:  # result-neutral keys (workers, device, ...): allowed, and said in results.json
+            progress.results.setdefault("resumed_with", []).append({"task": progress.next_task + 1, "changed": changed})
         # what the run's config says, also for a checkpoint written before open-set metrics existed
         progress.metrics.openset_score = METHODS.get(cfg.method).known_score_name if cfg.eval_openset else None
         set_rng_state(ckpt["rng"], engine.generator)
@@ -178,6 +185,7 @@ def resume_run(run_dir, console: Console, device: Optional[str] = None) -> dict:
     if partial_file.is_file():
         partial = load_checkpoint(partial_file)
         check_same_run(partial, cfg, data, scenario, partial_file)
+        check_resume_config(partial, cfg, partial_file, run_dir / "config.yaml")
         if partial["task"] != progress.next_task:  # older than the last task checkpoint
             partial = None
     if progress.next_task >= len(scenario) and partial is None:

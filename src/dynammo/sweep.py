@@ -35,7 +35,8 @@ import yaml
 from dynammo.config import (ALIASES, IGNORED_REFERENCE_KEYS, OPTIONS, all_method_options, load_config,
                             parse_overrides, read_yaml)
 from dynammo.errors import UserError
-from dynammo.protocols import DEFAULT_PROTOCOL, PROTOCOL_KEYS, protocol_names, shipped_method_file
+from dynammo.protocols import (DEFAULT_PROTOCOL, PROTOCOL_KEYS, RESULT_NEUTRAL_KEYS, protocol_names,
+                               shipped_method_file)
 from dynammo.registry import closest
 from dynammo.signals import handling_stop_signals
 
@@ -43,10 +44,6 @@ RUN_LOG = "sweep.log"  # in each run directory: the run's stderr, one block per 
 REPORT_DIR = "report"  # DIR/report/: the report of every finished run under DIR
 SLURM_LOG_DIR = "slurm"  # DIR/slurm/: the output of each SLURM array task
 LOCK_FILE = ".sweep.lock"  # held while a sweep runs on DIR: two sweeps must not resume the same run
-# Keys that do not change what a run computes: an earlier run made with other values is still this sweep's.
-RESULT_NEUTRAL_KEYS = {"device", "progress", "num_workers", "data_root", "download", "in_memory", "plots",
-                       "tensorboard", "tracking", "mlflow_uri", "mlflow_experiment", "checkpoint_every",
-                       "save_checkpoints"}
 POLL_SECONDS = 0.1
 
 

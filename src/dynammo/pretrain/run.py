@@ -395,12 +395,16 @@ class Pretraining:
 # ---------------------------------------------------------------- entry points
 
 
-def pretrain(cfg, out: Optional[Path], console: Console, device: Optional[str] = None) -> dict:
+def pretrain(cfg, out: Optional[Path], console: Console, device: Optional[str] = None, notices=()) -> dict:
+    """A new pretraining run; the config's notices are printed once everything it needs is built."""
     out = Path(out) if out is not None else default_out(cfg)
     check_run_dir(out)
     if (out / SUMMARY).exists():
         raise UserError(f"run directory {out} already holds a pretraining; choose another --out or remove it")
-    return Pretraining(cfg, console, device).run(out)
+    run = Pretraining(cfg, console, device)
+    for line in notices:
+        console.print(line)
+    return run.run(out)
 
 
 def read_config(run_dir: Path):
@@ -456,8 +460,5 @@ def pretrain_command(args) -> int:
         overrides.append(f"device={args.device}")
     notices: list = []
     cfg = load_pretrain_config(args.config, overrides, notices)
-    console = Console(progress=cfg.progress)
-    for n in notices:
-        console.print(n)
-    pretrain(cfg, Path(args.out) if args.out else None, console)
+    pretrain(cfg, Path(args.out) if args.out else None, Console(progress=cfg.progress), notices=notices)
     return 0
