@@ -153,6 +153,8 @@ def test_continual_metrics_by_hand():
     assert s["forgetting"] == pytest.approx(80.0 - 75.0)
     assert s["bwt"] == pytest.approx(75.0 - 80.0)
     assert s["task_il_acc"] == [pytest.approx(80.0)]
+    # the mean of the two task accuracies (3/4 and 4/6), not the 7/10 of the images
+    assert s["acc_task_mean"] == [pytest.approx(80.0), pytest.approx((75.0 + 400 / 6) / 2)]
     e = s["extra"]["cnn"]
     assert e["avg_acc"] == pytest.approx(85.0) and e["last_acc"] == pytest.approx(70.0)
     assert e["forgetting"] == pytest.approx(100.0 - 75.0) and e["bwt"] == pytest.approx(75.0 - 100.0)
@@ -161,6 +163,21 @@ def test_continual_metrics_by_hand():
     restored.load_state_dict(json.loads(json.dumps(m.state_dict())))
     assert restored.summary() == s
     json.dumps(s, allow_nan=False)  # what results.json needs: plain floats and None
+
+
+def test_task_mean_accuracy_weighs_each_task_alike():
+    """acc_task_mean (L2P / DualPrompt / CODA's average accuracy) against the pooled acc, on tasks of
+    unequal size: task 1 has 8 test images (classes 0, 1), task 2 has 2 (class 2)."""
+    m = ContinualMetrics([(0, 2), (2, 3)])
+    m.add(0, [0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1, 0, 0])  # 6/8
+    y = [0, 0, 0, 0, 1, 1, 1, 1, 2, 2]
+    m.add(1, y, [0, 0, 0, 1, 1, 1, 1, 0, 2, 0])  # task 1: 6/8 = 75, task 2: 1/2 = 50
+    s = m.summary()
+    assert s["acc"] == [pytest.approx(75.0), pytest.approx(70.0)]  # pooled: 7/10 images
+    assert s["acc_task_mean"] == [pytest.approx(75.0), pytest.approx(62.5)]  # (75 + 50) / 2
+    assert s["avg_acc_task_mean"] == pytest.approx(68.75) and s["last_acc_task_mean"] == pytest.approx(62.5)
+    assert s["avg_acc"] == pytest.approx(72.5)
+    assert metrics.task_mean_accuracy([[80.0, None], [None, 40.0]]) == [80.0, 40.0]  # an undefined task left out
 
 
 def test_summary_without_task_il_has_null():

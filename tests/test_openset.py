@@ -4,6 +4,7 @@ and real tiny runs: the fields in results.json, recomputed from the checkpoints'
 the accuracy metrics unchanged by them."""
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -230,16 +231,32 @@ def _predictions(method, engine, data, fn=None):
     return {k: torch.cat([o[k].float() for o in outs]) for k in outs[0]}
 
 
-@pytest.mark.parametrize("name", ["finetune", "acl"])
+def nme_probabilities(method, engine, data):
+    """iCaRL's NME probabilities by hand: softmax over minus the squared Euclidean distances of the
+    L2-normalised features to the class means (nme_temperature 1)."""
+    def probs(x):
+        f = torch.nn.functional.normalize(method.net.features(x), dim=1)
+        return {"p": torch.softmax(-torch.cdist(f.double(), method.class_means.double()) ** 2, dim=1)}
+
+    return _predictions(method, engine, data, probs)["p"]
+
+
+@pytest.mark.parametrize("name", ["finetune", "acl", "icarl"])
 def test_the_recorded_metrics_are_those_of_the_checkpoints_predictions(tiny_run, name):
     """From each task's checkpoint, by plain loops and scikit-learn: the accuracy, the ECE and the
-    open-set metrics results.json recorded."""
+    open-set metrics results.json recorded. For iCaRL they are the headline NME classifier's, not
+    its CNN head's (whose predictions differ from NME's in this run)."""
     from dynammo.checkpoints import load_checkpoint, read_run_config
     from dynammo.console import Console
     from dynammo.runner import prepare
 
     run = tiny_run(name)
     r = json.loads((run / "results.json").read_text())
+    assert r["classifier"] == {"finetune": "head", "acl": "min-others", "icarl": "nme"}[name]
+    assert r["openset"]["classifier"] == r["classifier"] and r["confidence"]
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [row["classifier"] for row in rows] == [r["classifier"]] * len(r["acc"])
+    cnn_differs, cnn_ece = [], []
     cfg = read_run_config(run)
     _, scenario, engine, method = prepare(cfg, Console(progress="false", quiet=True))
     for task in scenario.tasks:
@@ -253,9 +270,17 @@ def test_the_recorded_metrics_are_those_of_the_checkpoints_predictions(tiny_run,
         assert r["acc"][task.id] == pytest.approx(100.0 * (pred == y).double().mean().item(), abs=1e-9)
         if "task_id" in out:  # min-others: the chosen head's probability of the class
             conf = out["task_il_logits"].gather(1, pred[:, None]).squeeze(1)
+        elif name == "icarl":
+            nme = nme_probabilities(fresh, engine, seen)
+            conf = nme.max(1).values
+            assert torch.equal(nme.argmax(1), pred)  # the headline is NME
+            cnn_differs.append(bool((out["pred_cnn"].long() != pred).any()))
+            cnn_conf = torch.softmax(out["logits"], 1).max(1).values
+            cnn_ece.append(100 * expected_calibration_error(cnn_conf, out["pred_cnn"].long() == y))
         else:
             conf = torch.softmax(out["logits"], 1).max(1).values
-        assert r["ece"][task.id] == pytest.approx(100 * expected_calibration_error(conf, pred == y), abs=1e-6)
+        tol = 1e-4 if name == "icarl" else 1e-6  # the hand distances in float64, the method's in float32
+        assert r["ece"][task.id] == pytest.approx(100 * expected_calibration_error(conf, pred == y), abs=tol)
         if task.id == len(scenario) - 1:
             continue
         unseen = scenario.test.of_classes(range(task.end, scenario.tasks[-1].end))
@@ -265,13 +290,24 @@ def test_the_recorded_metrics_are_those_of_the_checkpoints_predictions(tiny_run,
                 return {"p": torch.stack([torch.softmax(h, 1)[:, -1] for h in fresh.net(x)], 1)}
 
             s_known, s_unknown = (1 - _predictions(fresh, engine, d, others)["p"].min(1).values for d in (seen, unseen))
+        elif name == "icarl":  # the max of the NME probabilities
+            s_known, s_unknown = (nme_probabilities(fresh, engine, d).max(1).values for d in (seen, unseen))
         else:
             s_known = torch.softmax(out["logits"], 1).max(1).values
             s_unknown = torch.softmax(out_u["logits"], 1).max(1).values
         yk = np.r_[np.ones(len(s_known)), np.zeros(len(s_unknown))]
         s = np.r_[s_known.numpy(), s_unknown.numpy()]
-        assert r["openset"]["auroc"][task.id] == pytest.approx(100 * roc_auc_score(yk, s), abs=1e-4)
-        assert r["openset"]["aupr"][task.id] == pytest.approx(100 * average_precision_score(yk, s), abs=1e-4)
+        # NME's max probabilities lie close together: float32 against float64 reorders a few near-ties
+        tol = 1e-2 if name == "icarl" else 1e-4
+        assert r["openset"]["auroc"][task.id] == pytest.approx(100 * roc_auc_score(yk, s), abs=tol)
+        assert r["openset"]["aupr"][task.id] == pytest.approx(100 * average_precision_score(yk, s), abs=tol)
+        if name == "icarl":  # the CNN head's max-softmax would give another AUROC
+            cnn = np.r_[torch.softmax(out["logits"], 1).max(1).values.numpy(),
+                        torch.softmax(out_u["logits"], 1).max(1).values.numpy()]
+            assert abs(100 * roc_auc_score(yk, cnn) - r["openset"]["auroc"][task.id]) > 10 * tol
+    if name == "icarl":
+        assert any(cnn_differs)  # two classifiers that disagree: the test tells whose scores are used
+        assert r["ece"] != pytest.approx(cnn_ece, abs=1e-3)  # not the CNN head's calibration
 
 
 def test_accuracy_and_training_are_the_same_with_open_set_evaluation_off(tiny_run, tmp_path):

@@ -86,6 +86,11 @@ def section_of(rep: dict, hash_: str) -> dict:
 # ---------------------------------------------------------------- aggregation
 
 
+def task_means(res: dict) -> list:
+    """The mean over the seen tasks of each task's accuracy, by hand from the accuracy matrix."""
+    return [statistics.mean(row[: j + 1]) for j, row in enumerate(res["acc_matrix"])]
+
+
 def test_mean_and_sample_std_equal_hand_computed(runs, report):
     out, _ = report
     rep = json.loads((out / "report.json").read_text())
@@ -95,6 +100,8 @@ def test_mean_and_sample_std_equal_hand_computed(runs, report):
     assert row["seeds"] == [0, 1]
     hand = {
         "avg_acc": [r["avg_acc"] for r in seeds], "last_acc": [r["last_acc"] for r in seeds],
+        "avg_acc_task_mean": [statistics.mean(task_means(r)) for r in seeds],
+        "last_acc_task_mean": [task_means(r)[-1] for r in seeds],
         "avg_mcr": [r["avg_mcr"] for r in seeds], "last_mcr": [r["last_mcr"] for r in seeds],
         "forgetting": [r["forgetting"] for r in seeds], "bwt": [r["bwt"] for r in seeds],
         "last_task_il_acc": [r["task_il_acc"][-1] for r in seeds],
@@ -151,6 +158,30 @@ def test_two_protocols_are_two_sections_never_averaged(runs, report):
     assert "never averaged together" in proc.stdout
     tex = (out / "report.tex").read_text()
     assert tex.count(r"\begin{table}") == 4  # accuracy and cost table per protocol
+
+
+def test_task_mean_accuracy_columns_only_where_it_is_the_headline(runs, tmp_path):
+    """A protocol whose headline metric is acc_task_mean (the prompt protocols, as their papers) shows
+    the task-mean columns, from the accuracy matrix, beside the pooled acc; other protocols do not."""
+    from dynammo.reporting.tables import markdown_section
+
+    a = [[80.0, None, None], [60.0, 90.0, None], [50.0, 70.0, 100.0]]  # tasks of unequal size below
+
+    def edit(res):
+        res.update(metric="acc_task_mean", acc_matrix=a, acc=[80.0, 70.0, 62.0], avg_acc=70.67, last_acc=62.0)
+
+    papers = copy_run(runs / "other" / "finetune", tmp_path / "papers", edit)
+    [section] = build_sections(discover([papers]).runs)
+    [row] = section.rows
+    assert row.stats["last_acc_task_mean"].mean == pytest.approx((50 + 70 + 100) / 3)
+    assert row.stats["avg_acc_task_mean"].mean == pytest.approx((80 + 75 + 220 / 3) / 3)
+    md = markdown_section(section)
+    head = next(line for line in md.splitlines() if line.startswith("| method |"))
+    assert "avg task-mean acc" in head and "last task-mean acc" in head and "last acc" in head
+    assert "73.33" in next(line for line in md.splitlines() if line.startswith("| finetune |"))
+    assert "mean over the seen tasks of each task's accuracy" in md
+    [plain] = build_sections(discover([runs / "other" / "finetune"]).runs)
+    assert "task-mean" not in markdown_section(plain)
 
 
 # ---------------------------------------------------------------- best value, formats

@@ -220,8 +220,10 @@ def coerce(key: str, opt: Option, v: Any) -> Any:
 OPTIONS: Dict[str, Option] = {
     "method": Option("str", "replay", "continual-learning method (see `dynammo list`)"),
     "protocol": Option("str", None, "name of the protocol the run follows (set by the protocol file; see `dynammo list`)"),
-    "metric": Option("str", "acc", "the headline metric of the protocol: acc (accuracy) | mcr (mean class recall)",
-                     choices=("acc", "mcr")),
+    "metric": Option("str", "acc", "the headline metric of the protocol: acc (accuracy over the images) | "
+                                   "acc_task_mean (mean over tasks of each task's accuracy, as L2P / DualPrompt / "
+                                   "CODA-Prompt report) | mcr (mean class recall)",
+                     choices=("acc", "acc_task_mean", "mcr")),
     "dataset": Option("str_or_list", "digits", "dataset name, or a list for a dataset-per-task stream",
                       nonempty=True),
     "data_root": Option("str", "data", "folder holding the dataset files"),

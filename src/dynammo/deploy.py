@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from dynammo.errors import UserError
 from dynammo.io import write_atomic
+from dynammo.openset import headline_probs
 
 META_FILE = "dynammo.json"
 FORMAT = "dynammo-export-1"
@@ -28,11 +29,13 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".we
 
 
 def decision(out: dict) -> Tuple[torch.Tensor, torch.Tensor]:
-    """A method's predict output -> (class id, confidence). Min-others methods (ACL, DynaMMo) give the
-    chosen head's probability of the class; the others the softmax of their logits."""
+    """A method's predict output -> (class id, confidence) of its headline classifier. Min-others
+    methods (ACL, DynaMMo) give the chosen head's probability of the class; a method with its own
+    class probabilities ("probs", iCaRL's NME) those; the others the softmax of their logits. The
+    runner's ECE is of this confidence."""
     logits = out["logits"]
     pred = out["pred"].long() if "pred" in out else logits.argmax(1)
-    probs = out["task_il_logits"] if "task_id" in out else torch.softmax(logits.float(), dim=1)
+    probs = out["task_il_logits"] if "task_id" in out else headline_probs(out)
     return pred, probs.gather(1, pred.unsqueeze(1)).squeeze(1)
 
 

@@ -8,6 +8,10 @@ a = acc_matrix, a[j][i] = accuracy on task i's classes after training task j (No
 - bwt (Lopez-Paz & Ranzato 2017): mean over i < T-1 of a[T-1][i] - a[i][i]
 - mcr[j]: mean over seen classes of per-class recall (balanced accuracy)
 - task_il_acc[j]: accuracy when the task id is given
+- acc_task_mean[j]: mean over the tasks i <= j of a[j][i] (each task weighs the same, however many
+  test images it has): the "average accuracy" of L2P, DualPrompt and CODA-Prompt's code, which
+  differs from acc on ImageNet-R's unequal classes; avg_/last_acc_task_mean as for acc
+acc, mcr, ece and openset are the headline classifier's (results.json `classifier`, `confidence`).
 A metric of no test images is undefined: None (null in results.json) with the reason under
 `undefined`, never NaN; the means above skip it.
 - ece[j]: expected calibration error (15 bins) of the predictions on the seen classes' test images
@@ -79,6 +83,11 @@ def bwt(a: List[List[Optional[float]]]) -> Optional[float]:
                          and a[i][i] is not None])
 
 
+def task_mean_accuracy(a: List[List[Optional[float]]]) -> List[Optional[float]]:
+    """acc_task_mean[j] = mean over the tasks i <= j whose accuracy is defined of a[j][i]."""
+    return [mean_defined(row[: j + 1]) for j, row in enumerate(a)]
+
+
 def task_il_predictions(scores: torch.Tensor, y_true: torch.Tensor, bounds: Sequence[Tuple[int, int]]) -> torch.Tensor:
     """argmax of each sample's scores restricted to the classes of its own (true) task."""
     pred = torch.empty_like(y_true)
@@ -105,6 +114,8 @@ class ContinualMetrics:
         self.ece: List[Optional[float]] = []
         self.openset: List[Optional[dict]] = []  # {auroc, fpr95, aupr, aupr_out, n_known, n_unknown} or None
         self.openset_score: Optional[str] = None  # the score's name; None: open-set evaluation is off
+        # the classifier acc, mcr, ece and openset belong to, and its confidence (Method.headline_record)
+        self.headline: Optional[Dict[str, str]] = None
         self.undefined: Dict[str, str] = {}  # results.json path of a None metric -> why it is undefined
 
     def add(self, j: int, y_true, y_pred, y_pred_task_il=None, extra_preds: Optional[dict] = None) -> None:
@@ -151,7 +162,7 @@ class ContinualMetrics:
                 "extra": {name: m.state_dict() for name, m in self.extra.items()},
                 "last_confusion": None if self.last_confusion is None else self.last_confusion.tolist(),
                 "ece": self.ece, "openset": self.openset, "openset_score": self.openset_score,
-                "undefined": self.undefined}
+                "headline": self.headline, "undefined": self.undefined}
 
     def load_state_dict(self, state: dict) -> None:
         self.acc_matrix, self.acc, self.mcr = state["acc_matrix"], state["acc"], state["mcr"]
@@ -165,16 +176,22 @@ class ContinualMetrics:
         # absent from checkpoints written before these metrics existed (add_scores pads them)
         self.ece, self.openset = list(state.get("ece", [])), list(state.get("openset", []))
         self.openset_score = state.get("openset_score", self.openset_score)
+        self.headline = state.get("headline") or self.headline  # absent before it was recorded
         self.undefined = dict(state.get("undefined") or {})
 
     def summary(self) -> dict:
+        task_mean = task_mean_accuracy(self.acc_matrix)
         out = {
+            **(dict(self.headline) if self.headline else {}),
             "acc_matrix": self.acc_matrix,
             "acc": self.acc,
+            "acc_task_mean": task_mean,
             "mcr": self.mcr,
             "task_il_acc": self.task_il_acc or None,
             "avg_acc": mean_defined(self.acc),
             "last_acc": self.acc[-1] if self.acc else None,
+            "avg_acc_task_mean": mean_defined(task_mean),
+            "last_acc_task_mean": task_mean[-1] if task_mean else None,
             "avg_mcr": mean_defined(self.mcr),
             "last_mcr": self.mcr[-1] if self.mcr else None,
             "forgetting": forgetting(self.acc_matrix),
@@ -186,8 +203,11 @@ class ContinualMetrics:
         if self.ece:  # the extra classifiers have none: their predictions come without a confidence
             out.update(self.calibration_summary())
             out["openset"] = self.openset_summary()
-        if self.undefined:
-            out["undefined"] = dict(self.undefined)
+        undefined = dict(self.undefined)
+        undefined.update({f"acc_task_mean[{j}]": f"no task seen after task {j + 1} has test images"
+                          for j, v in enumerate(task_mean) if v is None})
+        if undefined:
+            out["undefined"] = undefined
         return out
 
     def calibration_summary(self) -> dict:
@@ -201,6 +221,8 @@ class ContinualMetrics:
         if self.openset_score is None:
             return None
         out: dict = {"score": self.openset_score, "positive": "known"}
+        if self.headline:
+            out["classifier"] = self.headline["classifier"]
         for key in OPENSET_KEYS:
             out[key] = [None if o is None else o[key] for o in self.openset]
         for key in ("n_known", "n_unknown"):

@@ -129,7 +129,14 @@ def max_softmax(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.float(), dim=1).max(dim=1).values
 
 
+def headline_probs(out: dict) -> torch.Tensor:
+    """(B, n_seen) class probabilities of the headline classifier: the method's own ("probs", e.g.
+    iCaRL's NME), else the softmax of its logits."""
+    return out["probs"].float() if "probs" in out else torch.softmax(out["logits"].float(), dim=1)
+
+
 def known_score(out: dict) -> torch.Tensor:
     """The known-score of each image (B,): the method's own ("known_score" in its predict output, e.g.
-    ACL/DynaMMo's 1 - min over heads of p(others)), else the max-softmax of its seen-class logits."""
-    return out["known_score"].float() if "known_score" in out else max_softmax(out["logits"])
+    ACL/DynaMMo's 1 - min over heads of p(others)), else the max-softmax of the headline classifier
+    (its "probs" where it has them, as iCaRL's NME: the score belongs to the classifier the accuracy is of)."""
+    return out["known_score"].float() if "known_score" in out else headline_probs(out).max(dim=1).values

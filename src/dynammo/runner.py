@@ -23,7 +23,7 @@ from dynammo.distributed import current_world, init_world, state_digest
 from dynammo.engine import Engine
 from dynammo.errors import RunInterrupted, UserError
 from dynammo.journal import FitJournal, rng_state, set_rng_state
-from dynammo.metrics import OPENSET_KEYS, ContinualMetrics, accuracy, task_il_predictions
+from dynammo.metrics import OPENSET_KEYS, ContinualMetrics, accuracy, task_il_predictions, task_mean_accuracy
 from dynammo.methods import METHODS
 from dynammo.methods.base import check_eval_mode
 from dynammo.openset import expected_calibration_error, known_score, open_set_metrics
@@ -69,7 +69,8 @@ def run_experiment(cfg: Config, out: Optional[Path], console: Console, notices: 
     return results
 
 
-SUMMARY_KEYS = ("avg_acc", "last_acc", "avg_mcr", "last_mcr", "forgetting", "bwt", "avg_ece", "last_ece")
+SUMMARY_KEYS = ("avg_acc", "last_acc", "avg_acc_task_mean", "last_acc_task_mean", "avg_mcr", "last_mcr", "forgetting",
+                "bwt", "avg_ece", "last_ece")
 
 
 def mean_std(vals: List[float]) -> dict:
@@ -83,7 +84,7 @@ def summarize(results: List[dict]) -> dict:
     classifier and for every extra one (iCaRL's CNN head beside its NME)."""
     first = results[0]
     out = {"method": first["method"], "label": first.get("label", first["method"]), "dataset": first["dataset"],
-           "protocol": first.get("protocol"), "metric": first.get("metric", "acc"),
+           "protocol": first.get("protocol"), "metric": first.get("metric", "acc"), "classifier": first.get("classifier"),
            "deviations": first.get("deviations", []), "seeds": [r["seed"] for r in results], "std": "sample (ddof=1)"}
 
     def block(runs: List[dict]) -> dict:
@@ -175,7 +176,7 @@ def resume_run(run_dir, console: Console, device: Optional[str] = None) -> dict:
         if changed:  # result-neutral keys (workers, device, ...): allowed, and said in results.json
             progress.results.setdefault("resumed_with", []).append({"task": progress.next_task + 1, "changed": changed})
         # what the run's config says, also for a checkpoint written before open-set metrics existed
-        progress.metrics.openset_score = METHODS.get(cfg.method).known_score_name if cfg.eval_openset else None
+        label_scores(progress.metrics, cfg)
         set_rng_state(ckpt["rng"], engine.generator)
     engine.world.barrier()  # every rank has read the checkpoints before rank 0 cleans up
     for stale in (run_dir / "checkpoints").glob(".*.tmp") if engine.world.main else ():  # a write cut short by a kill
@@ -236,8 +237,7 @@ class Progress:
             "class_order": scenario.class_order, "tasks": scenario.classes_of_tasks(),
             "class_names": scenario.class_names, "cost": [], "versions": versions(), "status": "running",
         }
-        metrics = ContinualMetrics([(t.start, t.end) for t in scenario.tasks])
-        metrics.openset_score = method_cls.known_score_name if cfg.eval_openset else None
+        metrics = label_scores(ContinualMetrics([(t.start, t.end) for t in scenario.tasks]), cfg)
         return cls(metrics, results, [], 0)
 
     @classmethod
@@ -337,10 +337,19 @@ def check_ranks_agree(method, engine, results: dict, console: Console) -> None:
                       "please report this with the run's config.yaml")
 
 
+def label_scores(metrics: ContinualMetrics, cfg) -> ContinualMetrics:
+    """Name the open-set score and the classifier whose accuracy, ECE and open-set metrics these are."""
+    method_cls = METHODS.get(cfg.method)
+    metrics.openset_score = method_cls.known_score_name if cfg.eval_openset else None
+    metrics.headline = method_cls.headline_record(cfg)
+    return metrics
+
+
 def openset_row(metrics: ContinualMetrics) -> dict:
-    """metrics.csv's calibration and open-set columns after the latest task (empty cells when absent)."""
+    """metrics.csv's calibration and open-set columns after the latest task (empty cells when absent),
+    with the classifier they (and acc, mcr) belong to."""
     openset = metrics.openset[-1] if metrics.openset else None
-    return {"ece": metrics.ece[-1] if metrics.ece else None,
+    return {"classifier": (metrics.headline or {}).get("classifier"), "ece": metrics.ece[-1] if metrics.ece else None,
             "openset_auroc": (openset or {}).get("auroc"), "openset_fpr95": (openset or {}).get("fpr95")}
 
 
@@ -405,12 +414,13 @@ def evaluate_checkpoint(run_dir, task: Optional[int], console: Console, device: 
     check_same_run(ckpt, cfg, data, scenario, path)
     method.load_state_dict(ckpt["state"])
     t = scenario.tasks[ckpt["task"]]
-    metrics = ContinualMetrics([(k.start, k.end) for k in scenario.tasks])
+    metrics = label_scores(ContinualMetrics([(k.start, k.end) for k in scenario.tasks]), cfg)
     metrics.acc_matrix = [[None] * len(scenario)] * t.id  # rows of earlier tasks are not recomputed
     task_id_acc = evaluate(cfg, method, engine, scenario, t, metrics)
     out = {"task": t.id + 1, "classes": t.end, "acc": metrics.acc[-1], "mcr": metrics.mcr[-1],
            "task_il_acc": metrics.task_il_acc[-1] if metrics.task_il_acc else None,
-           "acc_per_task": metrics.acc_matrix[-1][: t.id + 1], "task_id_acc": task_id_acc,
+           "acc_per_task": metrics.acc_matrix[-1][: t.id + 1], "acc_task_mean": task_mean_accuracy(metrics.acc_matrix)[-1],
+           "task_id_acc": task_id_acc, "classifier": metrics.headline["classifier"],
            "extra": {k: m.acc[-1] for k, m in metrics.extra.items()}, "ece": metrics.ece[-1],
            "openset": metrics.openset[-1], "checkpoint": str(path)}
     results_file = run_dir / "results.json"
@@ -457,7 +467,8 @@ def _train_all_tasks(cfg, method, engine, data, scenario, writer, console, progr
         results.setdefault("budget", []).append(log.stages)
         results.setdefault("diverged_stages", []).extend({"task": task.id + 1, **d} for d in log.diverged)
         results.update(metrics.summary())
-        progress.rows.append({"task": task.id + 1, "classes": task.end, "acc": metrics.acc[-1], "mcr": metrics.mcr[-1],
+        progress.rows.append({"task": task.id + 1, "classes": task.end, "acc": metrics.acc[-1],
+                              "acc_task_mean": task_mean_accuracy(metrics.acc_matrix)[-1], "mcr": metrics.mcr[-1],
                               "task_il_acc": metrics.task_il_acc[-1] if metrics.task_il_acc else None,
                               "avg_acc_so_far": float(np.mean(metrics.acc)), **openset_row(metrics), **cost})
         progress.next_task = task.id + 1

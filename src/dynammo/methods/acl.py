@@ -23,7 +23,7 @@ documented deviation: the paper starts from ImageNet weights; set `pretrained: P
 from __future__ import annotations
 
 import itertools
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -158,6 +158,10 @@ class ACL(Method):
     options = ACL_OPTIONS
     net_class = ACLNet
     known_score_name = "others"  # 1 - min over heads of p(others), from min_others
+
+    @classmethod
+    def headline_record(cls, cfg) -> Dict[str, str]:
+        return {"classifier": "min-others", "confidence": "the chosen head's softmax probability of the predicted class"}
 
     @classmethod
     def backbone_needs(cls, cfg) -> tuple:

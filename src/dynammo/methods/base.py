@@ -16,6 +16,10 @@ every method; anything else a method keeps between tasks (tensors, numbers) goes
   classes); a method with its own decision rule may add "pred" (B,) and "task_il_logits", and one
   with a better open-set score than the max-softmax of "logits" adds "known_score" (B,), higher for
   images of classes it has learned, and names it in `known_score_name` (results.json `openset.score`).
+  A method whose headline classifier is not the softmax of "logits" (iCaRL's NME beside its CNN head)
+  adds that classifier's class probabilities "probs" (B, n_seen): the ECE, the open-set max-softmax and
+  the exported model's confidence are then that classifier's, as `headline_record` says. An extra
+  classifier reported beside the headline adds its prediction as "pred_<name>" (results.json `extra`).
 Device, AMP, progress bars, metrics, checkpoints and cost accounting come from the framework.
 """
 from __future__ import annotations
@@ -127,6 +131,12 @@ class Method:
 
         return [f"{key}={value} instead of the paper's {paper(key)}: {cls.options[key].help}"
                 for key, value in cls.variant_options(cfg).items()]
+
+    @classmethod
+    def headline_record(cls, cfg) -> Dict[str, str]:
+        """The classifier the headline metrics (acc, mcr, ece, openset) belong to and what its
+        confidence is: results.json `classifier` / `confidence`, metrics.csv `classifier`."""
+        return {"classifier": "head", "confidence": "softmax of the logits, at the predicted class"}
 
     @classmethod
     def label(cls, cfg) -> str:

@@ -17,6 +17,11 @@
   also averages in the features of the horizontally flipped exemplars (the paper's code; off in the
   reference). The means are kept with the model (checkpoints hold them), so a reloaded checkpoint
   gives the same NME predictions without recomputing anything.
+- Confidence of the NME classifier: the paper's NME has none, so its class probabilities are those
+  of prototypical networks (Snell et al., NeurIPS 2017): softmax over the classes of
+  -|| f/|f| - mu_c ||^2 / T, T = `nme_temperature` (default 1, Snell et al.'s; no prediction depends
+  on it). With NME the headline, its ECE, its open-set score (the max of these probabilities) and the
+  confidence of `dynammo export` are the NME's, not the CNN head's.
 """
 from __future__ import annotations
 
@@ -73,6 +78,10 @@ class ICaRL(DistillMethod):
                                             "with the old model's sigmoid outputs as old-class targets (the paper)",
                                choices=("kd", "bce")),
         "nme_flip": Option("bool", False, "NME class means also average the flipped exemplars' features"),
+        "nme_temperature": Option("float", 1.0, "temperature T of the NME classifier's probabilities "
+                                                "softmax(-||f/|f| - mu_c||^2 / T), its confidence for ECE, "
+                                                "open-set and export (predictions do not depend on it)",
+                                  min=0.0, min_open=True),
         "icarl_classifier": Option("str", "nme", "the headline classifier: nme (nearest mean of exemplars, the "
                                                  "paper) | cnn (the trained head); the other one is reported beside "
                                                  "it under extra", choices=("nme", "cnn"), faithful="nme"),
@@ -92,6 +101,13 @@ class ICaRL(DistillMethod):
             out.append("NME class means without the flipped exemplars (the reference; the paper's code adds them; "
                        "nme_flip=true)")
         return out
+
+    @classmethod
+    def headline_record(cls, cfg) -> Dict[str, str]:
+        if cfg.icarl_classifier == "cnn":
+            return super().headline_record(cfg) | {"classifier": "cnn"}
+        return {"classifier": "nme", "confidence": f"softmax(-||f/|f| - mu_c||^2 / T), T={cfg.nme_temperature:g}, "
+                                                   "at the predicted class"}
 
     # ---- training ----
     def step(self, batch: Batch):
@@ -124,8 +140,10 @@ class ICaRL(DistillMethod):
         scores = nme_scores(feats, self.class_means)
         if self.cfg.icarl_classifier == "cnn":
             return {"logits": logits, "pred_nme": scores.argmax(1)}
-        # NME is the headline; its task-IL prediction is the nearest mean within the task's classes
-        return {"logits": logits, "pred": scores.argmax(1), "task_il_logits": scores, "pred_cnn": logits.argmax(1)}
+        # NME is the headline, with its own probabilities; its task-IL prediction is the nearest mean
+        # within the task's classes
+        return {"logits": logits, "pred": scores.argmax(1), "task_il_logits": scores, "pred_cnn": logits.argmax(1),
+                "probs": torch.softmax(scores / self.cfg.nme_temperature, dim=1)}
 
     def grow(self, task: Task) -> None:
         """Structure without data: placeholder class means, so `dynammo cost` runs the NME step too."""

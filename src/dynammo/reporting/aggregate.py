@@ -9,6 +9,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from dynammo.metrics import mean_defined, task_mean_accuracy
 from dynammo.report import diverged_stage_text
 from dynammo.reporting.discover import Run
 
@@ -40,6 +41,7 @@ class Column:
     fmt: str
     table: str  # "acc" or "cost"
     std_if_equal: bool = True  # cost columns: no "± 0.000" when every seed measured the same
+    metric: Optional[str] = None  # shown only in the sections whose headline metric this is
 
 
 def _last(seq):
@@ -48,6 +50,11 @@ def _last(seq):
 
 def _acc_getter(key: str) -> Callable[[dict, dict], Optional[float]]:
     return lambda res, run: res.get(key)
+
+
+def task_means(res: dict) -> List[Optional[float]]:
+    """acc_task_mean after each task, from the accuracy matrix (also for runs written before it was recorded)."""
+    return task_mean_accuracy(res.get("acc_matrix") or [])
 
 
 def _cost_getter(key: str, scale: float = 1.0) -> Callable[[dict, dict], Optional[float]]:
@@ -66,6 +73,10 @@ def _train_seconds(res, run):
 COLUMNS: List[Column] = [
     Column("avg_acc", "avg acc", "avg acc", "higher", ".2f", "acc"),
     Column("last_acc", "last acc", "last acc", "higher", ".2f", "acc"),
+    Column("avg_acc_task_mean", "avg task-mean acc", "avg task-mean acc", "higher", ".2f", "acc",
+           metric="acc_task_mean"),
+    Column("last_acc_task_mean", "last task-mean acc", "last task-mean acc", "higher", ".2f", "acc",
+           metric="acc_task_mean"),
     Column("avg_mcr", "avg MCR", "avg MCR", "higher", ".2f", "acc"),
     Column("last_mcr", "last MCR", "last MCR", "higher", ".2f", "acc"),
     Column("forgetting", "forgetting", "forgetting", "lower", ".2f", "acc"),
@@ -82,6 +93,8 @@ COLUMN = {c.key: c for c in COLUMNS}
 # how each column is read from (the classifier's metrics, the run's results.json)
 GETTERS: Dict[str, Callable[[dict, dict], Optional[float]]] = {
     "avg_acc": _acc_getter("avg_acc"), "last_acc": _acc_getter("last_acc"),
+    "avg_acc_task_mean": lambda res, run: mean_defined(task_means(res)),
+    "last_acc_task_mean": lambda res, run: _last(task_means(res)),
     "avg_mcr": _acc_getter("avg_mcr"), "last_mcr": _acc_getter("last_mcr"),
     "forgetting": _acc_getter("forgetting"), "bwt": _acc_getter("bwt"),
     "last_task_il_acc": lambda res, run: _last(res.get("task_il_acc") or []),
@@ -300,6 +313,8 @@ def per_task(runs: List[Run], get: Callable[[Run], Optional[Sequence[Optional[fl
 
 
 def headline_curve(runs: List[Run], metric: str):
+    if metric == "acc_task_mean":
+        return per_task(runs, lambda r: task_means(r.results))
     return per_task(runs, lambda r: r.results.get(metric if metric in ("acc", "mcr") else "acc"))
 
 

@@ -70,10 +70,13 @@ def _seeds_text(row: Row) -> str:
     return f"n={len(row.runs)}"
 
 
+METRIC_NAMES = {"acc": "accuracy", "mcr": "mean class recall", "acc_task_mean": "task-mean accuracy"}
+
+
 def accuracy_figure(section: Section, title: Optional[str] = None) -> Optional[Figure]:
     plt = _plt()
     rows = section.method_rows
-    metric = section.metric if section.metric in ("acc", "mcr") else "acc"
+    metric = section.metric if section.metric in METRIC_NAMES else "acc"
     colours = _colours(rows)
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     T = 1
@@ -88,12 +91,12 @@ def accuracy_figure(section: Section, title: Optional[str] = None) -> Optional[F
                 label=f"{row.label} ({_seeds_text(row)})")
         ax.fill_between(tasks, mean - std, mean + std, color=colours[row.label], alpha=0.12, linewidth=0)
     ax.set_xlabel("after task")
-    ax.set_ylabel(("accuracy" if metric == "acc" else "mean class recall") + " on all seen classes (%)")
+    ax.set_ylabel(METRIC_NAMES[metric] + " on all seen classes (%)")
     ax.set_xticks(np.arange(1, T + 1))
     ax.grid(alpha=0.3)
     _legend(ax, len(rows))
     ax.set_title(title or f"{section.title}: {metric} after each task (mean ± sample std)", fontsize=9)
-    return _render(fig, "accuracy", f"{'Accuracy' if metric == 'acc' else 'Mean class recall'} after each task",
+    return _render(fig, "accuracy", f"{METRIC_NAMES[metric].capitalize()} after each task",
                    f"The headline metric ({metric}) on all classes seen so far after each task, mean over seeds; "
                    "the band is ± one sample std (ddof=1; none for one seed).")
 
@@ -147,7 +150,7 @@ def efficiency_figure(section: Section, cost: str) -> Optional[Figure]:
     """cost: 'inference_gflops' or 'params_total'."""
     plt = _plt()
     rows = section.method_rows
-    metric = section.metric if section.metric in ("acc", "mcr") else "acc"
+    metric = section.metric if section.metric in METRIC_NAMES else "acc"
     colours = _colours(rows)
     scale, xlabel, name = ((1.0, "inference GFLOPs per image", "efficiency_gflops") if cost == "inference_gflops"
                            else (1e6, "parameters (M)", "efficiency_params"))

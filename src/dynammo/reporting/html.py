@@ -10,7 +10,7 @@ from typing import Dict, List
 
 from dynammo.reporting.aggregate import Section
 from dynammo.reporting.figures import Figure
-from dynammo.reporting.tables import ACC_COLUMNS, COST_COLUMNS, describe, html_table, unfinished_lines
+from dynammo.reporting.tables import COST_COLUMNS, acc_columns, describe, html_table, unfinished_lines
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; margin: 1.5em auto;
@@ -96,7 +96,7 @@ def html_page(sections: List[Section], figures: Dict[str, List[Figure]], problem
     for s in sections:
         body.append(f'<h2 id="{e(s.slug)}">{e(s.title)}</h2>')
         body += [f"<p>{e(line)}</p>" for line in describe(s)]
-        body += ["<h3>Accuracy (%)</h3>", html_table(s, ACC_COLUMNS, "deviations")]
+        body += ["<h3>Accuracy (%)</h3>", html_table(s, acc_columns(s), "deviations")]
         if s.notes:
             body.append("<p>Deviations from the papers:</p><ol>" + "".join(f"<li>{e(d)}</li>" for d in s.notes) + "</ol>")
         body += ["<h3>Cost after the last task</h3>", html_table(s, COST_COLUMNS, "budget")]
