@@ -385,8 +385,9 @@ class _BoundedLoader(yaml.SafeLoader):
 def load_yaml_text(text: str, what: str):
     """YAML text -> Python values (plain data only), or one UserError line; `what` names the source
     ("config file X", "override 'k=v'"). Deep nesting, merge-key and alias bombs are refused."""
-    loader = _BoundedLoader(text)
+    loader = None
     try:
+        loader = _BoundedLoader(text)  # its reader refuses control characters already here
         return loader.get_single_data()
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
@@ -402,7 +403,8 @@ def load_yaml_text(text: str, what: str):
         raise UserError(f"{what} holds a value YAML cannot convert ({' '.join(str(exc).split())[:100]}); "
                         "fix it") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def decode_config_bytes(raw: bytes, path) -> str:

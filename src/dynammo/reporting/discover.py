@@ -90,7 +90,13 @@ def _number(v) -> bool:
 
 
 def _number_or_null(v) -> bool:
-    return v is None or _number(v)
+    """A metric in percent (or a difference of two): far past +-100 is not one dynammo wrote, and a
+    mean of such values could overflow to infinity, which no report file may hold."""
+    return v is None or (_number(v) and abs(v) <= 1e4)
+
+
+def _count_or_null(v) -> bool:
+    return v is None or (_number(v) and 0 <= v <= 1e18)
 
 
 def _list_of(item, nullable: bool = True):
@@ -115,10 +121,10 @@ _NUMBERS = _list_of(_number_or_null)
 _METRICS = {"acc_matrix": _list_of(_NUMBERS), "acc": _NUMBERS, "mcr": _NUMBERS, "task_il_acc": _NUMBERS,
             **{k: _number_or_null for k in ("avg_acc", "last_acc", "avg_mcr", "last_mcr", "forgetting", "bwt",
                                             "avg_ece", "last_ece")}, "ece": _NUMBERS}
-_COST = _dict_of({k: _number_or_null for k in ("params_total", "params_trainable", "inference_gflops",
+_COST = _dict_of({k: _count_or_null for k in ("params_total", "params_trainable", "inference_gflops",
                                                "memory_exemplars", "memory_bytes", "train_seconds",
                                                "train_images")})
-_STAGE = _dict_of({"stage": _text, "epochs": _number})
+_STAGE = _dict_of({"stage": _text, "epochs": _count_or_null})
 _DIVERGED = _dict_of({"task": _number, "stage": _text, "first_loss": _number, "last_loss": _number})
 # every field of results.json that `dynammo report` reads, and what it must hold (absent is fine)
 _FIELDS = {
