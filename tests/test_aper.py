@@ -57,7 +57,7 @@ def test_feature_is_the_concatenation_and_prototypes_are_its_class_means(variant
     assert not torch.allclose(pretrained, adapted)  # the adaptation changed the second half
     feats = torch.cat([pretrained, adapted], dim=1)
     for c in m.scenario.tasks[2].classes:
-        assert torch.allclose(net.prototypes[c], feats[data.labels == c].mean(0), atol=1e-5)
+        assert torch.allclose(net.prototypes[c], feats[data.labels == c].mean(0).double(), atol=1e-5)
 
 
 def test_adapter_variant_trains_the_adapters_alone_and_finetune_a_copy(weights_file):

@@ -54,7 +54,7 @@ def all_training_statistics(m):
     """G and Q of every task's training images at once, through the final (frozen) model."""
     data = m.scenario.train.of_classes(range(m.total))
     with torch.no_grad():
-        h = m.net.project(m.net.encode(m.engine.test_tf(data.images))).double()
+        h = m.net.project(m.net.encode(m.engine.test_tf(data.images)).double())
     return h.T @ h, h.T @ F.one_hot(data.labels, m.total).double(), h
 
 
@@ -67,11 +67,11 @@ def test_accumulating_over_tasks_equals_one_computation_on_all_data(weights_file
     assert torch.allclose(m.class_sums, sums, rtol=1e-9, atol=1e-9)
     assert (h >= 0).all()  # ReLU after the projection
     w = ridge_solution(gram, sums, m.lambdas[-1])
-    assert torch.allclose(m.net.head, w.T.float(), rtol=1e-4, atol=1e-6)
+    assert m.net.head.dtype == torch.float64 and torch.allclose(m.net.head, w.T, rtol=1e-6, atol=1e-9)
     x = m.engine.test_tf(m.scenario.test.images[:4])
     with torch.no_grad():
         f = m.net.encode(x)
-        expected = F.relu(f @ m.net.projection) @ m.net.head.T
+        expected = F.relu(f.double() @ m.net.projection) @ m.net.head.T
         assert torch.allclose(m.predict(x)["logits"], expected)
 
 
@@ -100,7 +100,7 @@ def brute_force_scores(h_fit, y_fit, h_val, y_val, lambdas, n):
     return mse, acc
 
 
-@pytest.mark.parametrize("width", [10, 80])  # more images than features (Gram path), fewer (kernel path)
+@pytest.mark.parametrize("width", [10, 80])  # more images than features, and fewer (G is singular)
 def test_validation_scores_equal_one_solve_per_lambda(width):
     g = torch.Generator().manual_seed(1)
     centres = torch.randn(3, width, generator=g, dtype=torch.float64) * 2
@@ -127,7 +127,7 @@ def test_the_method_picks_the_best_lambda_of_its_held_out_split(weights_file, cr
     m = trained(weights_file, n_tasks=1, ranpac_ridge_criterion=criterion)
     data = m.scenario.train_data(m.scenario.tasks[0])
     with torch.no_grad():
-        h = m.net.project(m.net.encode(m.engine.test_tf(data.images)))
+        h = m.net.project(m.net.encode(m.engine.test_tf(data.images)).double())
     state = m.engine.generator.get_state()
     chosen = m.select_lambda(h, data.labels, 4)
     m.engine.generator.set_state(state)

@@ -43,7 +43,7 @@ def test_weights_are_the_class_means_and_old_ones_never_change(weights_file):
         feats = hand_features(m, data)
         for c in task.classes:
             mean = feats[data.labels == c].mean(0)
-            assert torch.allclose(m.net.prototypes[c], mean, atol=1e-5), c
+            assert torch.allclose(m.net.prototypes[c], mean.double(), atol=1e-5), c
         if before is not None:  # the earlier classes' weights are untouched, bit for bit
             assert torch.equal(m.net.prototypes[: len(before)], before)
         before = m.net.prototypes.detach().clone()
@@ -60,10 +60,10 @@ def test_logits_are_cosines_to_the_prototypes(weights_file):
     x = m.engine.test_tf(m.scenario.test_data_seen(m.scenario.tasks[1]).images[:5])
     with torch.no_grad():
         f = m.net.backbone(x)
-        expected = F.normalize(f, dim=1) @ F.normalize(m.net.prototypes, dim=1).T
+        expected = F.normalize(f.double(), dim=1) @ F.normalize(m.net.prototypes, dim=1).T
         logits = m.predict(x)["logits"]
     assert logits.shape == (5, 7)
-    assert torch.allclose(logits, expected, atol=1e-6)
+    assert logits.dtype == torch.float64 and torch.allclose(logits, expected, atol=1e-12)
     assert logits.abs().max() <= 1 + 1e-6
 
 

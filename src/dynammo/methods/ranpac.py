@@ -10,15 +10,15 @@ Learning", NeurIPS 2023).
 - After each task the class sums Q = sum h y^T (M x classes, y one-hot) and the Gram matrix
   G = sum h h^T (M x M) of the task's training images (test transform) are added to the running
   totals, and the classifier is the ridge regression W = (G + lambda I)^-1 Q; logits = h W.
-  Inference: one backbone pass, then two matrix products.
+  Inference: one backbone pass, then two matrix products in float64 (the projection and the head
+  are float64 weights, which autocast leaves alone: a bf16 ridge head would lose its cancellations).
 - lambda is chosen per task as the paper's code does: the current task's images are split 80/20
   (`ranpac_val_fraction`; a seeded permutation here, the code's shuffled loader order there), the
   ridge is fitted on the 80% part alone for every lambda of the grid 10^-8 .. 10^8
   (`ranpac_lambdas`), and the lambda with the lowest mean squared error of the one-hot targets on
   the 20% part wins (`ranpac_ridge_criterion: mse`; `accuracy` takes the highest validation
   accuracy instead, the first of the grid on ties). The grid search uses one eigendecomposition of
-  the 80% part's Gram matrix (or of its kernel matrix, when the task has fewer images than M) for
-  all lambdas; the final W is one linear solve.
+  the 80% part's Gram matrix for all lambdas; the final W is one linear solve.
 - G and Q are accumulated and solved in float64 on the CPU (the paper's code: float32), so the
   result does not depend on the order of the tasks' sums beyond float64 rounding. They are kept
   between tasks (in every task checkpoint: 8 (M^2 + M C) bytes, 800 MB for G at M = 10,000), reported
@@ -62,19 +62,15 @@ def ridge_solution(gram: torch.Tensor, class_sums: torch.Tensor, lam: float) -> 
 def validation_scores(h_fit: torch.Tensor, y_fit: torch.Tensor, h_val: torch.Tensor, y_val: torch.Tensor,
                       lambdas: Sequence[float], n_classes: int) -> dict:
     """Per lambda, the ridge fitted on (h_fit, y_fit) scored on (h_val, y_val): {"mse": [...],
-    "accuracy": [...] (percent)}. One eigendecomposition serves every lambda: of G = H^T H = V diag(e) V^T,
-    W(lambda) = V diag(1 / (e + lambda)) V^T Q; or, with fewer images than features, of the kernel
-    K = H H^T = U diag(e) U^T, W(lambda) = H^T U diag(1 / (e + lambda)) U^T Y (the same W)."""
+    "accuracy": [...] (percent)}. One eigendecomposition of the M x M Gram matrix G = H^T H =
+    V diag(e) V^T serves every lambda: W(lambda) = V diag(1 / (e + lambda)) V^T Q. (The N x N kernel
+    matrix would be cheaper with fewer images than M, but it stays well conditioned where the final
+    M x M solve does not: the search must see the same conditioning as the W it selects for.)"""
     h_fit, h_val = h_fit.double(), h_val.double()
     onehot_fit = F.one_hot(y_fit, n_classes).double()
     onehot_val = F.one_hot(y_val, n_classes).double()
-    if len(h_fit) < h_fit.shape[1]:
-        e, u = torch.linalg.eigh(h_fit @ h_fit.T)
-        a, b = u.T @ onehot_fit, (h_val @ h_fit.T) @ u
-    else:
-        e, v = torch.linalg.eigh(h_fit.T @ h_fit)
-        a, b = v.T @ (h_fit.T @ onehot_fit), h_val @ v
-    e = e.clamp_min(0.0)  # a Gram matrix is positive semi-definite; drop rounding below 0
+    e, v = torch.linalg.eigh(h_fit.T @ h_fit)
+    a, b = v.T @ (h_fit.T @ onehot_fit), h_val @ v
     mse, acc = [], []
     for lam in lambdas:
         pred = b @ (a / (e + lam)[:, None])
@@ -123,15 +119,17 @@ class RanPACNet(FrozenBackboneNet):
         super().__init__(backbone)
         self.tuned = tuned
         d = backbone.out_dim
-        # frozen weights of the model (counted in params_total); drawn after phase 1, loaded from checkpoints
-        self.projection = nn.Parameter(torch.zeros(d, m), requires_grad=False) if m > 0 else None
+        # frozen weights of the model (counted in params_total), float64 as the statistics they come from;
+        # drawn after phase 1, loaded from checkpoints
+        self.projection = nn.Parameter(torch.zeros(d, m, dtype=torch.float64), requires_grad=False) if m > 0 else None
         self.width = m if m > 0 else d
-        self.head = nn.Parameter(torch.zeros(0, self.width), requires_grad=False)  # W^T, one row per class
+        self.head = nn.Parameter(torch.zeros(0, self.width, dtype=torch.float64), requires_grad=False)  # W^T
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.tuned(x) if self.tuned is not None else self.backbone(x)
 
     def project(self, f: torch.Tensor) -> torch.Tensor:
+        """h of float64 features f."""
         return F.relu(f @ self.projection) if self.projection is not None else f
 
     def add_classes(self, n: int) -> None:
@@ -139,7 +137,8 @@ class RanPACNet(FrozenBackboneNet):
         self.head = nn.Parameter(torch.cat([old, old.new_zeros(n, self.width)]), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.project(self.encode(x)), self.head)
+        # float64 from the feature on: autocast leaves float64 alone, so the ridge head never runs in bf16
+        return F.linear(self.project(self.encode(x).double()), self.head)
 
 
 @METHODS.register("ranpac", aliases=("random_projection",))
@@ -227,7 +226,7 @@ class RanPAC(Method):
                 adapt_on_first_task(self, task, net.tuned)
             if net.projection is not None:
                 with torch.no_grad():
-                    net.projection.copy_(torch.randn(net.projection.shape, generator=self.engine.generator))
+                    net.projection.copy_(torch.randn(net.projection.shape, generator=self.engine.generator).double())
         self.eval_mode()
         data = self.scenario.train_data(task)
         h = self.projected(self.engine.apply(net.encode, data))
@@ -237,16 +236,16 @@ class RanPAC(Method):
         self.lambdas.append(lam)
         w = ridge_solution(self.gram, self.class_sums, lam)
         with torch.no_grad():
-            net.head.copy_(w.T.float().to(net.head.device))
+            net.head.copy_(w.T.to(net.head.device))
         self.engine.console.print(f"{self.engine.task_label} ranpac: lambda {lam:g} ({self.cfg.ranpac_ridge_criterion} "
                                   f"on {self.cfg.ranpac_val_fraction:.0%} of the task's images)")
 
     @torch.no_grad()
     def projected(self, features: torch.Tensor) -> torch.Tensor:
-        """h = ReLU(f W_rand) of CPU features, computed on the device in chunks, as inference does."""
-        parts = [self.net.project(features[i: i + CHUNK].to(self.device)).cpu()
+        """h = ReLU(f W_rand) of CPU features, float64, computed on the device in chunks as inference does."""
+        parts = [self.net.project(features[i: i + CHUNK].to(self.device).double()).cpu()
                  for i in range(0, len(features), CHUNK)]
-        return torch.cat(parts).float()
+        return torch.cat(parts)
 
     def accumulate(self, h: torch.Tensor, labels: torch.Tensor, n_seen: int) -> None:
         """G += H^T H and Q += H^T Y (Y one-hot over the n_seen classes), float64."""

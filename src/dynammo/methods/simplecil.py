@@ -6,8 +6,9 @@ Generalizability and Adaptivity are All You Need", IJCV 2024, sec. 3).
   features of the class's training images (test transform, no augmentation). Old prototypes never
   change.
 - The classifier is cosine: logit_c = cos(f(x), p_c) (the paper's code keeps the cosine layer's
-  scale at its initial 1, untrained, so the softmax confidence is that of raw cosines). Prediction
-  is the argmax over every seen class: one backbone pass per image at inference.
+  scale at its initial 1, untrained, so the softmax confidence is that of raw cosines), computed in
+  float64 (autocast leaves it alone: close cosines are not ranked in bf16). Prediction is the argmax
+  over every seen class: one backbone pass per image at inference.
 - No exemplar memory.
 
 Without pretrained weights (`pretrained: false`) the backbone is first trained with a linear head and
@@ -34,11 +35,11 @@ from dynammo.models.cosine import cosine_similarities
 
 
 def class_means(features: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """(N, D) features and labels in [0, n_classes) -> (n_classes, D) means, summed in float64."""
+    """(N, D) features and labels in [0, n_classes) -> (n_classes, D) float64 means."""
     sums = torch.zeros(n_classes, features.shape[1], dtype=torch.float64)
     sums.index_add_(0, labels, features.double())
     counts = torch.bincount(labels, minlength=n_classes).clamp_min(1).double()
-    return (sums / counts[:, None]).float()
+    return sums / counts[:, None]
 
 
 class PrototypeNet(FrozenBackboneNet):
@@ -46,8 +47,8 @@ class PrototypeNet(FrozenBackboneNet):
 
     def __init__(self, backbone: nn.Module, feature_dim: int):
         super().__init__(backbone)
-        # a classifier weight like any other (counted in params_total), never trained
-        self.prototypes = nn.Parameter(torch.zeros(0, feature_dim), requires_grad=False)
+        # a classifier weight like any other (counted in params_total), never trained; float64 (see forward)
+        self.prototypes = nn.Parameter(torch.zeros(0, feature_dim, dtype=torch.float64), requires_grad=False)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
@@ -61,7 +62,8 @@ class PrototypeNet(FrozenBackboneNet):
             self.prototypes[start: start + len(prototypes)] = prototypes.to(self.prototypes.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cosine_similarities(self.encode(x), self.prototypes)
+        # float64 prototypes: autocast leaves float64 alone, so close cosines are never ranked in bf16
+        return cosine_similarities(self.encode(x).double(), self.prototypes)
 
 
 @METHODS.register("simplecil", aliases=("simple_cil",))
