@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from dynammo.assembly import build_from_record
-from dynammo.config import Config, build_config
+from dynammo.config import Config, build_config, read_yaml
 from dynammo.data.imageset import ImageSet
 from dynammo.data.scenario import Scenario
 from dynammo.errors import UserError
@@ -31,11 +31,7 @@ def read_run_config(run_dir) -> Config:
                         f"pretrain --resume {run_dir}`, use its backbone with pretrained={run_dir / 'backbone.pt'}")
     if not path.is_file():
         raise UserError(f"{run_dir} is not a run directory (no config.yaml); give the --out folder of a `dynammo run`")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path} is not valid YAML ({exc.__class__.__name__}); restore it from the run") from exc
-    return build_config(raw)
+    return build_config(read_yaml(path))  # the bounded reader of every config file (size, aliases, encodings)
 
 
 def available_checkpoints(run_dir) -> dict:

@@ -92,13 +92,8 @@ def decode_image(src: Source, channels: int, size: Optional[int]) -> torch.Tenso
 
 def source_aspect(src: Source) -> float:
     """Height / width of an encoded image, from its header (nothing decoded)."""
-    name = src[0] if isinstance(src, tuple) else (src if isinstance(src, str) else "<bytes>")
-    data = src[1] if isinstance(src, tuple) else src
-    try:
-        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
-            w, h = img.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise UserError(f"image {name} cannot be read ({exc.__class__.__name__}); remove or replace the file") from exc
+    with open_image(src) as img:  # the same pixel guard and one-line errors as decoding
+        w, h = img.size
     return h / w
 
 
