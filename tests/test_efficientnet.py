@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dynammo.data import resolve_normalize
+from dynammo.data.datasets.files import file_digest
 from dynammo.deploy import export_run
 from dynammo.errors import UserError
 from dynammo.methods import METHODS
@@ -52,7 +53,7 @@ def test_packaged_weights_give_the_reference_implementations_logits(arch):
 def test_packaged_weights_are_the_published_file_and_a_changed_byte_is_refused(tmp_path, monkeypatch):
     arch = "efficientnet_lite0"
     path = eff.packaged_weights_path(arch)
-    assert eff.file_sha256(path) == eff.LITE[arch].sha256
+    assert file_digest(path, "sha256") == eff.LITE[arch].sha256
     tampered = tmp_path / path.name
     shutil.copyfile(path, tampered)
     data = bytearray(tampered.read_bytes())

