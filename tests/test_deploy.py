@@ -12,7 +12,8 @@ from PIL import Image
 
 from dynammo.checkpoints import load_checkpoint, read_run_config, restore_method
 from dynammo.console import Console
-from dynammo.deploy import decision, load_exported
+from dynammo.data.imageset import ImageSet
+from dynammo.deploy import DeployedClassifier, decision, load_exported
 from dynammo.runner import prepare
 from test_cli_e2e import SHARED, assert_user_error, needs_mednist, run_cli
 
@@ -60,8 +61,8 @@ def framework_decisions(run_dir):
 def check_export_equals_framework(run_dir, model_file):
     scenario, test, pred, conf = framework_decisions(run_dir)
     model, meta = load_exported(model_file)
-    with torch.no_grad():
-        e_pred, e_conf = model(test.images)
+    with torch.no_grad():  # a keep_aspect run's program also takes each image's original height / width
+        e_pred, e_conf = model(test.images, *([test.aspect] if "aspect" in meta["inputs"] else []))
     assert torch.equal(e_pred, pred)
     assert torch.allclose(e_conf, conf, atol=1e-5)
     assert meta["class_names"] == scenario.class_names  # index = class id of the predictions
@@ -76,6 +77,59 @@ def test_exported_dynammo_equals_the_framework_model(dynammo_mednist):
     _, _, _, meta = check_export_equals_framework(run_dir, model_file)
     assert (meta["method"], meta["dataset"], meta["task"]) == ("dynammo", "mednist", 3)
     assert sorted(meta["class_names"]) == ["AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT"]
+
+
+def test_export_applies_the_runs_centre_crop(tmp_path):
+    """test_crop=center (Resize(side*256/224) + CenterCrop, the prompt protocols' test view): the
+    exported model crops as evaluation does, so it gives the run's predictions and confidences."""
+    run_dir, model_file = tmp_path / "run", tmp_path / "model.pt"
+    proc = run_cli("run", "--out", str(run_dir), "method=replay", "dataset=digits", "backbone=resnet20", "img_size=16",
+                   "max_train_per_class=20", "memory_size=20", "init_cls=5", "increment=5", "test_crop=center", *SMALL)
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("export", str(run_dir), "--out", str(model_file))
+    assert proc.returncode == 0, proc.stderr
+    _, test, model, meta = check_export_equals_framework(run_dir, model_file)
+    assert (meta["test_crop"], meta["keep_aspect"], meta["inputs"]) == ("center", False, ["images"])
+    cfg = read_run_config(run_dir)
+    method = restore_method(cfg, load_checkpoint(run_dir / "checkpoints" / "task_1.pt"))
+    method.eval_mode()
+    plain = DeployedClassifier(method, meta["mean"], meta["std"])  # no crop: what the export did before
+    with torch.no_grad():
+        assert not torch.allclose(plain(test.images)[1], model(test.images)[1], atol=1e-3)
+
+
+def test_export_and_predict_crop_on_each_files_original_geometry(tmp_path):
+    """keep_aspect + test_crop=center on images of several aspect ratios: the exported program takes
+    each image's original height / width, and `dynammo predict` on the original files (read from their
+    headers) gives what evaluation gives on the same files."""
+    from test_paper_transforms import _write_folder
+
+    shapes = [(40, 20), (20, 40), (30, 30), (50, 25), (24, 48), (36, 24)]
+    _write_folder(tmp_path / "data" / "train", shapes)
+    _write_folder(tmp_path / "data" / "test", shapes[::-1])
+    run_dir, model_file = tmp_path / "run", tmp_path / "model.pt"
+    proc = run_cli("run", "--out", str(run_dir), "method=finetune", "dataset=folder", f"data_root={tmp_path / 'data'}",
+                   "backbone=resnet20", "img_size=16", "init_cls=2", "increment=2", "memory_size=0",
+                   "test_crop=center", "keep_aspect=true", *SMALL)
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("export", str(run_dir), "--out", str(model_file))
+    assert proc.returncode == 0, proc.stderr
+    _, test, model, meta = check_export_equals_framework(run_dir, model_file)
+    assert meta["inputs"] == ["images", "aspect"] and len(set(test.aspect.tolist())) > 1
+    with torch.no_grad():  # the aspect is used: all-square ratios crop elsewhere
+        assert not torch.allclose(model(test.images, torch.ones(len(test)))[1], model(test.images, test.aspect)[1])
+    # the framework on the original files, loaded lazily as a run loads them
+    cfg = read_run_config(run_dir)
+    _, scenario, engine, _ = prepare(cfg, Console(progress="false", quiet=True))
+    method = restore_method(cfg, load_checkpoint(run_dir / "checkpoints" / "task_0.pt"))
+    files = sorted((tmp_path / "data" / "test").rglob("*.png"))
+    lazy = ImageSet(torch.zeros(len(files)), sources=[str(f) for f in files], channels=3, size=16).with_aspect()
+    pred, conf = decision(engine.apply(method.predict, lazy))
+    proc = run_cli("predict", str(model_file), *map(str, files), "--csv")
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader(io.StringIO(proc.stdout)))
+    assert [int(r["class_id"]) for r in rows] == pred.tolist()
+    assert [float(r["confidence"]) for r in rows] == pytest.approx(conf.tolist(), abs=1e-5)
 
 
 def write_pngs(folder, test, idx):

@@ -3,8 +3,13 @@
 names), and `dynammo predict` classifies image files with it.
 
 The exported program takes uint8 images (B, C, H, W) at the run's input size and returns
-(class id (B,), confidence (B,)). It normalises inside, so callers pass raw pixels. For DynaMMo this
-is the merged model: one forward pass whose feature every task head reads, then min-others.
+(class id (B,), confidence (B,)). It applies the run's test view and normalisation inside, so callers
+pass raw pixels: with `test_crop: center` the centre crop of evaluation (Resize(side*256/224) +
+CenterCrop(side), data/transforms.center_view). A run with `keep_aspect` draws that crop on each
+image's original geometry, so its program takes a second input, each image's original height / width
+(B,) float32 (dynammo.json `inputs` names them; `dynammo predict` reads it from the file's header).
+For DynaMMo this is the merged model: one forward pass whose feature every task head reads, then
+min-others.
 """
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from dynammo.data.imageset import source_aspect
+from dynammo.data.transforms import center_view
 from dynammo.errors import UserError
 from dynammo.io import write_atomic
 from dynammo.openset import headline_probs
@@ -40,17 +47,22 @@ def decision(out: dict) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 class DeployedClassifier(nn.Module):
-    """uint8 images -> (class id, confidence), with the run's normalisation and decision rule."""
+    """uint8 images (and, with keep_aspect, their original height / width) -> (class id, confidence),
+    with the run's test view, normalisation and decision rule."""
 
-    def __init__(self, method, mean: Sequence[float], std: Sequence[float]):
+    def __init__(self, method, mean: Sequence[float], std: Sequence[float], center_crop: bool = False):
         super().__init__()
         self.net = method.net  # registered, so its weights are part of the exported program
         self.predict_fn = method.predict
+        self.center_crop = center_crop
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
-    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        x = (images.float() / 255.0 - self.mean) / self.std  # as data/transforms.BatchTransform
+    def forward(self, images: torch.Tensor, aspect: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        x = images.float()
+        if self.center_crop:  # the run's test view, as evaluation's BatchTransform
+            x = center_view(x, aspect)
+        x = (x / 255.0 - self.mean) / self.std  # as data/transforms.BatchTransform
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         return decision(self.predict_fn(x))
@@ -67,18 +79,24 @@ def export_run(run_dir, out, task=None, force: bool = False) -> dict:
     ckpt = load_checkpoint(path)
     method = restore_method(cfg, ckpt)
     record = ckpt["scenario"]
-    model = DeployedClassifier(method, record["mean"], record["std"]).eval()
+    test_crop, keep_aspect = cfg.get("test_crop", "none"), bool(cfg.get("keep_aspect", False))
+    model = DeployedClassifier(method, record["mean"], record["std"], center_crop=test_crop == "center").eval()
     c, h, w = record["input_shape"]
-    example = torch.zeros((2, c, h, w), dtype=torch.uint8)
+    example = (torch.zeros((2, c, h, w), dtype=torch.uint8),)
+    inputs = ["images"]
+    if keep_aspect and test_crop == "center":  # the crop depends on each image's original geometry
+        example, inputs = example + (torch.ones(2),), inputs + ["aspect"]
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    with torch.no_grad():
-        program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    with torch.no_grad():  # two inputs of one batch: their equal size checked in the graph, not by guard code
+        program = torch.export.export(model, example, dynamic_shapes=tuple({0: batch} for _ in example),
+                                      prefer_deferred_runtime_asserts_over_guards=len(example) > 1)
     n_seen = sum(record["sizes"][: ckpt["task"] + 1])
     meta = {
         "format": FORMAT, "method": cfg.method, "dataset": ckpt["dataset"], "backbone": cfg.backbone,
         "task": ckpt["task"] + 1, "tasks": len(record["sizes"]),
         "class_names": [record["class_names"][c] for c in record["class_order"]][:n_seen],  # by class id
         "input_shape": [c, h, w], "mean": record["mean"], "std": record["std"], "source": str(Path(run_dir).resolve()),
+        "test_crop": test_crop, "keep_aspect": keep_aspect, "inputs": inputs,
     }
     write_atomic(out, lambda fh: torch.export.save(program, fh, extra_files={META_FILE: json.dumps(meta)}))
     return meta
@@ -139,6 +157,15 @@ def load_exported(path) -> Tuple[nn.Module, dict]:
     return module, meta
 
 
+def model_inputs(meta: dict, images: torch.Tensor, files: Sequence[Path]) -> tuple:
+    """What the exported program takes: the images, and each file's original height / width when the
+    run kept aspect ratios (read from the header, as the run's data loading did)."""
+    inputs = meta.get("inputs")  # absent from exports written before it: images only
+    if not (isinstance(inputs, list) and "aspect" in inputs):
+        return (images,)
+    return images, torch.tensor([source_aspect(str(f)) for f in files], dtype=torch.float32)
+
+
 def image_files(paths: Sequence[str]) -> List[Path]:
     """The given files, and the image files inside given folders (recursively, sorted)."""
     files: List[Path] = []
@@ -174,7 +201,8 @@ def predict_files(model_path, paths: Sequence[str], batch_size: int = 64, max_im
     with pixel_limit(max_pixels):
         for i in range(0, len(files), batch_size):
             chunk = files[i: i + batch_size]
-            pred, conf = model(torch.cat([read_image(f, meta["input_shape"], max_pixels, seen) for f in chunk]))
+            images = torch.cat([read_image(f, meta["input_shape"], max_pixels, seen) for f in chunk])
+            pred, conf = model(*model_inputs(meta, images, chunk))
             for f, k, p in zip(chunk, pred.tolist(), conf.tolist()):
                 rows.append({"image": str(f), "class": meta["class_names"][k], "class_id": k, "confidence": p})
     line = seen.line()

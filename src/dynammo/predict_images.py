@@ -10,7 +10,7 @@ from typing import List, Optional, Sequence
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from dynammo.data.imageset import decode_image, resize_uint8
+from dynammo.data.imageset import decode_image
 from dynammo.errors import UserError
 
 PIXELS_FLAG = "--max-image-pixels"
@@ -91,18 +91,18 @@ def is_colour(rgb: torch.Tensor) -> bool:
 
 
 def read_image(path: Path, input_shape: Sequence[int], max_pixels: int, seen: TrainingMismatch) -> torch.Tensor:
-    """uint8 (1, C, H, W) at the model's input size, decoded and resized as training did."""
+    """uint8 (1, C, H, W) at the model's input size, decoded and resized as a run loads image files
+    (decode_image: PIL bilinear to a square side, a JPEG drafted first), so an image of the run's own
+    data set gets the pixels evaluation saw."""
     c, h, w = input_shape
     width, height, mode = header(path)
     if width * height > max_pixels:
         raise too_large(path, f"{width}x{height} = {width * height:,} pixels", max_pixels)
-    img = decode_image(str(path), c, None)
+    img = decode_image(str(path), c, h if h == w else None)
     many_bands = Image.getmodebands(mode) >= 3 or mode == "P"  # a palette may hold colours
     rgb = img if c == 3 else (decode_image(str(path), 3, None) if many_bands else None)
     seen.add(path, width, height, colour=rgb is not None and is_colour(rgb))
     img = img.unsqueeze(0)
-    if img.shape[-2:] != (h, w):
-        if h != w:
-            raise UserError(f"image {path} is {img.shape[-1]}x{img.shape[-2]} but the model takes {w}x{h}; resize it")
-        img = resize_uint8(img, h)
+    if img.shape[-2:] != (h, w):  # a model of non-square input: the image must have its size
+        raise UserError(f"image {path} is {img.shape[-1]}x{img.shape[-2]} but the model takes {w}x{h}; resize it")
     return img

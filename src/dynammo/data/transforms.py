@@ -80,13 +80,20 @@ class BatchTransform:
         """The random resized crop (+ flip) or the centre crop, one affine resampling for the batch
         (pixel values stay in [0, 255]; rounded back to uint8 levels as a PIL pipeline's are)."""
         b, _, h, w = x.shape
-        if self.resized_crop:
-            boxes = crop_boxes(b, h, w, RESIZED_CROP_SCALE, RESIZED_CROP_RATIO, generator, aspect=aspect)
-            flips = (torch.rand(b, generator=generator) < 0.5) if self.flip else torch.zeros(b, dtype=torch.bool)
-        else:
-            boxes, flips = center_boxes(b, h, w, aspect), torch.zeros(b, dtype=torch.bool)
+        if not self.resized_crop:
+            return center_view(x.to(torch.get_default_dtype()), aspect)
+        boxes = crop_boxes(b, h, w, RESIZED_CROP_SCALE, RESIZED_CROP_RATIO, generator, aspect=aspect)
+        flips = (torch.rand(b, generator=generator) < 0.5) if self.flip else torch.zeros(b, dtype=torch.bool)
         out = crop_flip_resize(x.to(torch.get_default_dtype()), boxes, flips)
         return out.round_().clamp_(0, 255)
+
+
+def center_view(x: torch.Tensor, aspect: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The `center` test view of float pixel values in [0, 255] (B, C, H, W): one resampling of the
+    centre box, rounded to uint8 levels. `dynammo export` traces this same function into the model."""
+    b, _, h, w = x.shape
+    out = crop_flip_resize(x, center_boxes(b, h, w, aspect), torch.zeros(b, dtype=torch.bool))
+    return out.round().clamp(0, 255)
 
 
 def center_boxes(n: int, h: int, w: int, aspect: Optional[torch.Tensor] = None) -> torch.Tensor:
