@@ -6,6 +6,8 @@ end-to-end tests) and then:
 - evaluation: after `eval_mode()` no module the method holds is in training mode, and predicting
   changes no weight or buffer;
 - the accuracy is identical at eval batch size 1 and 256, and equal to what the run recorded;
+- eval_batch_size, a result-neutral key, changes nothing a run trains: two real PODNet runs on
+  digits at eval_batch_size 1 and 256 end bitwise alike;
 - an interrupted run (stopped after the first batch of task 2) resumed ends exactly where the
   uninterrupted run ends;
 - a second run with the same seed, in another process, is identical (results and checkpoint);
@@ -35,10 +37,11 @@ from dynammo.engine import Engine
 from dynammo.methods import METHODS
 from dynammo.methods.base import held_modules, modules_in_training_mode
 from dynammo.metrics import ContinualMetrics
+from dynammo.protocols import RESULT_NEUTRAL_KEYS
 from dynammo.runner import evaluate, evaluate_checkpoint, prepare
 
 import method_helpers
-from method_helpers import run_task
+from method_helpers import one_thread, run_task
 from test_deploy import check_export_equals_framework
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -138,6 +141,25 @@ def test_accuracy_is_identical_at_eval_batch_size_1_and_256(name, tiny_run, tmp_
     assert big["task_il_acc"] == (r["task_il_acc"][t] if r.get("task_il_acc") else None)
     assert big["task_id_acc"] == (r["task_id_acc"][t] if r.get("task_id_acc") else None)
     assert big["extra"] == {k: v["acc"][t] for k, v in (r.get("extra") or {}).items()}
+
+
+# PODNet on digits in fp32 (on a CPU with AVX512-BF16 the default bf16 path rounds the difference
+# away), 5 tasks, herding and k-means proxy imprinting between tasks: features computed between tasks
+# feed training, and a fp32 convolution's output differs by ~1e-6 between batches of 1 and of 256
+# images. When those passes ran at eval_batch_size, eval_batch_size=1 chose other exemplars and changed
+# the last task's accuracy from 75.3 to 57.5 (commit c535df6).
+NEUTRALITY_RUN = ["method=podnet", "dataset=digits", "max_train_per_class=30", "epochs=1", "memory_size=40", "seed=5",
+                  "amp=false", "progress=false", "plots=false", "tensorboard=false", "eval_openset=false"]
+
+
+def test_eval_batch_size_changes_nothing_a_run_trains(tmp_path):
+    """The passes that feed training (herding features, imprinted weights, class means) run at the
+    engine's fixed internal batch; eval_batch_size only sizes the evaluation's batches."""
+    assert "eval_batch_size" in RESULT_NEUTRAL_KEYS  # a resume or a sweep may change it: it must be neutral
+    for bs in (1, 256):
+        with one_thread():
+            assert main(["run", "--out", str(tmp_path / f"bs{bs}"), *NEUTRALITY_RUN, f"eval_batch_size={bs}"]) == 0
+    same_outcome(tmp_path / "bs1", tmp_path / "bs256")
 
 
 # ---------------------------------------------------------------- resume and reproducibility
