@@ -338,7 +338,10 @@ def test_out_of_memory_in_training_or_evaluation_names_the_batch_key():
     def oom(x):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    with pytest.raises(UserError, match="eval_batch_size=256, img_size=8"):
+    with pytest.raises(UserError, match="eval_batch_size=256, img_size=8"):  # the evaluation's pass
+        engine.apply(oom, scenario.test, batch_size=cfg.eval_batch_size)
+    with pytest.raises(UserError, match=r"internal batch of 256 images \(features that feed training\), img_size=8, "
+                                        r"backbone resnet20; lower img_size$"):  # a pass that feeds training: no key sizes it
         engine.apply(oom, scenario.test)
     with pytest.raises(RuntimeError, match="a bug"):  # any other error still raises
         engine.apply(lambda x: (_ for _ in ()).throw(RuntimeError("a bug")), scenario.test)
