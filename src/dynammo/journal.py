@@ -90,8 +90,8 @@ class FitJournal:
         return call
 
     def snapshot(self, params: List[torch.nn.Parameter], generator: torch.Generator) -> dict:
-        """Parameters (equal on every rank) and, per rank, the method-level state and RNGs (BatchNorm
-        statistics of a distributed fit differ between ranks until its end)."""
+        """Parameters (equal on every rank) and, per rank, the method-level state and RNGs (kept per
+        rank so a resume restores each process exactly as it was)."""
         own = {"method": self.capture(), "rng": rng_state(generator)}
         snap = {"params": [p.detach().cpu().clone() for p in params]}
         if self.world.distributed:
