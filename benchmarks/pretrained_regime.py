@@ -102,7 +102,7 @@ def knn_of_frozen(args, protocol: str, pretrained: str) -> float:
     from dynammo.pretrain.run import Pretraining
 
     cfg = load_pretrain_config([protocol], [f"data_root={args.data_root}", f"pretrained={pretrained}", "amp=false",
-                                            "progress=false"])
+                                            "progress=false", "ssl_max_images=64"])  # only the k-NN split is used
     return Pretraining(cfg, Console()).monitor(with_knn=True)["knn_acc"]
 
 
