@@ -123,7 +123,9 @@ def mean_std(vals, digits=2):
     if not vals:
         return "-"
     m = statistics.mean(vals)
-    return f"{m:.{digits}f} ± {statistics.stdev(vals):.{digits}f}" if len(vals) > 1 else f"{m:.{digits}f}"
+    if len(vals) == 1 or len(set(vals)) == 1:  # one seed, or every seed alike (FLOPs): no spread to show
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
 
 
 def collect(folder: Path, method: str, seeds) -> dict:
@@ -155,6 +157,8 @@ def main():
                     help="the paper's 0.999 barely moves the key encoder in a few thousand steps (a deviation "
                          "pretrain.json records)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes to check the pipeline (numbers meaningless)")
+    ap.add_argument("--collect-only", action="store_true",
+                    help="train nothing: the table of the runs and pretrainings finished so far")
     ap.add_argument("run_overrides", nargs="*", help="key=value added to every continual run")
     args = ap.parse_args()
     from dynammo.methods import METHODS
@@ -172,7 +176,12 @@ def main():
             if backbone == "task1" and one_class:
                 continue  # refused by the methods: a one-class first task cannot train a backbone
             info = {"protocol": protocol, "backbone": backbone}
-            if backbone in PRETRAINED:
+            if backbone in PRETRAINED and args.collect_only:
+                done = read_json(Path(args.out) / "pretrain" / data_group(protocol) / backbone / "pretrain.json")
+                if not (done and done.get("status") == "complete"):
+                    continue
+                info.update(pretrain(args, protocol, backbone))
+            elif backbone in PRETRAINED:
                 info.update(pretrain(args, protocol, backbone))
                 if "error" in info:
                     backbone_rows.append(info)
@@ -181,10 +190,12 @@ def main():
                 info["knn_acc"] = knn_of_frozen(args, protocol, "true")
             backbone_rows.append(info)
             methods = frozen + (list(args.end_to_end) if backbone == "imagenet" else [])
-            folder = sweep(args, protocol, backbone, methods, info.get("weights"))
+            folder = (Path(args.out) / protocol / backbone if args.collect_only
+                      else sweep(args, protocol, backbone, methods, info.get("weights")))
             for method in methods:
-                rows.append({"protocol": protocol, "backbone": backbone, "method": method,
-                             **collect(folder, method, args.seeds)})
+                row = {"protocol": protocol, "backbone": backbone, "method": method, **collect(folder, method, args.seeds)}
+                if row["seeds"] or not args.collect_only:
+                    rows.append(row)
         backbone_rows.append({"protocol": protocol, "backbone": "random", "knn_acc": knn_of_frozen(args, protocol, "false")})
     lines = ["| protocol | backbone | method | avg acc | last acc | last MCR | forgetting | GFLOPs (task 1 / last) | "
              "train (s) | seeds |", "|---|---|---|---|---|---|---|---|---|---|"]
