@@ -20,6 +20,7 @@ from dynammo.config import load_config
 from dynammo.console import Console
 from dynammo.errors import UserError
 from dynammo.runner import run_single
+from dynammo.sealing import DIGEST_KEY, sealed
 from test_cli_e2e import ROOT, assert_user_error, run_cli, wait_for
 
 # DynaMMo: several stages per task (backbone, adapters, heads), so a kill lands inside a multi-stage task
@@ -171,7 +172,8 @@ def test_checkpoint_of_another_run_is_refused(finished_run, tmp_path, change, ne
         for path in (run / "checkpoints").glob("task_*.pt"):
             state = torch.load(path, weights_only=True)
             state["dataset"] = change["dataset"]
-            torch.save(state, path)
+            state.pop(DIGEST_KEY, None)
+            torch.save(sealed(state), path)  # a genuine checkpoint of another run: its own digest matches
     else:
         cfg = yaml.safe_load((run / "config.yaml").read_text())
         cfg.update(change)
