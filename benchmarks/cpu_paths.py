@@ -26,7 +26,7 @@ import torch
 
 from dynammo.assembly import build_run
 from dynammo.config import load_config
-from dynammo.engine import OptimSettings
+from dynammo.optim import OptimSettings
 
 # (label, config keys)
 CONTENDERS = [

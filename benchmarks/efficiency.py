@@ -15,9 +15,9 @@ import time
 import torch
 
 from dynammo.assembly import build_run
+from dynammo.compute import resolve_device
 from dynammo.config import load_config
 from dynammo.cost import count_params, gflops_per_image
-from dynammo.engine import resolve_device
 
 
 def build(name, tasks, img_size, device):

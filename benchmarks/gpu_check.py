@@ -681,7 +681,7 @@ def step_loader(check: Check, deadline: float) -> List[dict]:
     from dynammo.assembly import build_run
     from dynammo.config import load_config
     from dynammo.data.loader import iterate_batches
-    from dynammo.engine import OptimSettings
+    from dynammo.optim import OptimSettings
     from loader_speed import write_images
 
     s = check.s

@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from dynammo.assembly import build_run
+from dynammo.compute import resolve_device
 from dynammo.config import load_config
 from dynammo.data.transforms import random_crop
-from dynammo.engine import OptimSettings, resolve_device
+from dynammo.optim import OptimSettings
 
 
 def sync(device):

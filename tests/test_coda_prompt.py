@@ -13,16 +13,17 @@ import torch
 import torch.nn.functional as F
 
 import method_helpers
+from dynammo.batch import Batch
 from dynammo.cli import main
 from dynammo.config import build_config
 from dynammo.cost import count_flops
-from dynammo.engine import Batch, OptimSettings
 from dynammo.errors import UserError
 from dynammo.methods import METHODS
 from dynammo.methods import coda_prompt as coda
 from dynammo.methods.base import Method
 from dynammo.methods.coda_prompt import CODAPrompt, component_weights, gram_schmidt, ortho_penalty
 from dynammo.models.prompting import prefixed_features, query_features
+from dynammo.optim import OptimSettings
 from method_helpers import snapshot
 
 pytestmark = pytest.mark.usefixtures("single_thread")

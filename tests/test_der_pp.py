@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from dynammo.engine import Batch
+from dynammo.batch import Batch
 from dynammo.errors import UserError
 from dynammo.methods import METHODS
 from dynammo.methods.der_pp import stored_logits_mse
@@ -16,8 +16,7 @@ import method_helpers
 from method_helpers import run_task
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-TINY = dict(dataset="digits", backbone="resnet20", img_size=8, init_cls=4, increment=3, epochs=1, batch_size=16,
-            max_train_per_class=12, memory_size=40, seed=0, progress="false", augment=False)
+TINY = dict(method_helpers.TINY, memory_size=40)
 
 
 def make_method(**kw):

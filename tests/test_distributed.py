@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dynammo.batch import Batch
 from dynammo.distributed import World, state_digest
-from dynammo.engine import Batch
 from dynammo.methods.acl import heads_loss
 from test_cli_e2e import ROOT, wait_for
 

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 import method_helpers
+from dynammo.batch import Batch
 from dynammo.config import build_config
 from dynammo.cost import count_flops
-from dynammo.engine import Batch
 from dynammo.errors import UserError
 from dynammo.methods import METHODS
 from dynammo.methods import dualprompt as dp_module

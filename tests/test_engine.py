@@ -4,12 +4,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dynammo.compute import resolve_device
 from dynammo.config import load_config
 from dynammo.console import Console
 from dynammo.data.imageset import ImageSet
 from dynammo.data.transforms import BatchTransform
-from dynammo.engine import Engine, OptimSettings, resolve_device
+from dynammo.engine import Engine
 from dynammo.errors import UserError
+from dynammo.optim import OptimSettings
 
 
 def make_engine(*overrides):

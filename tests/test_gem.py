@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dynammo.batch import Batch
 from dynammo.config import build_config
-from dynammo.engine import Batch
 from dynammo.errors import UserError
 from dynammo.methods.gem import flat_grad, project_to_cone, write_grad
 

@@ -14,14 +14,14 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from dynammo.engine import Batch
+from dynammo.batch import Batch
 from dynammo.errors import UserError
 from dynammo.methods import METHODS
 from dynammo.methods.bic import BiasLayer
 from dynammo.methods.distill import frozen_copy, kd_loss
 from dynammo.methods.icarl import class_means_of, nme_predict
-from dynammo.metrics import task_il_predictions
 from dynammo.methods.wa import align_weights
+from dynammo.metrics import task_il_predictions
 from method_helpers import make_method, run_task, same, snapshot
 
 pytestmark = pytest.mark.usefixtures("single_thread")

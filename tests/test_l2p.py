@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dynammo.batch import Batch
 from dynammo.cli import main
 from dynammo.config import build_config
 from dynammo.cost import count_flops
-from dynammo.engine import Batch
 from dynammo.errors import UserError
 from dynammo.methods import METHODS
 from dynammo.methods import l2p as l2p_module

@@ -20,9 +20,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dynammo.batch import Batch
 from dynammo.data.imageset import ImageSet
 from dynammo.data.memory import herding
-from dynammo.engine import Batch
 from dynammo.methods.base import modules_in_training_mode
 
 import method_helpers

@@ -19,12 +19,10 @@ import method_helpers
 from method_helpers import run_task
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-TINY = dict(dataset="digits", backbone="resnet20", img_size=8, init_cls=4, increment=3, epochs=1, batch_size=16,
-            max_train_per_class=12, memory_size=30, seed=0, progress="false", augment=False)
 
 
 def make_method(name: str = "ucir", **kw):
-    return method_helpers.make_method(name, TINY, **kw)
+    return method_helpers.make_method(name, **kw)
 
 
 def test_registered_with_aliases_and_paper_defaults():
@@ -138,7 +136,7 @@ def test_step_adds_the_weighted_less_forget_and_ranking_terms():
     m.net.eval()
     x = torch.randn(6, 3, 8, 8)
     y = torch.tensor([0, 1, 2, 4, 5, 6])
-    from dynammo.engine import Batch
+    from dynammo.batch import Batch
     loss, logits, _ = m.step(Batch(x, y, x, torch.arange(6)))
     with torch.no_grad():
         feats = m.net.backbone(x)

@@ -6,12 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+from dynammo.compute import resolve_device
 from dynammo.console import Console
 from dynammo.data import load_data
 from dynammo.data.scenario import Scenario
 from dynammo.data.transforms import BatchTransform, make_transforms
 from dynammo.distributed import current_world
-from dynammo.engine import Engine, resolve_device, seed_everything
+from dynammo.engine import Engine, seed_everything
 from dynammo.methods import METHODS
 
 

@@ -146,6 +146,28 @@ def _hardware(device: torch.device) -> tuple:
     return None, False, f"no automatic mixed precision on {device.type}"
 
 
+def resolve_device(name: str) -> torch.device:
+    name = (name or "auto").lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.isdigit():  # reference-framework style: a GPU index
+        name = f"cuda:{name}"
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise UserError(f"device '{name}' is not valid; use cpu, cuda, cuda:N or mps") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device '{name}' asked for but CUDA is not available here; use device=cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"device '{name}' does not exist: {torch.cuda.device_count()} CUDA device(s); pick another index")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UserError("device 'mps' asked for but MPS is not available here; use device=cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"device '{name}' is not supported; use cpu, cuda, cuda:N or mps")
+    return dev
+
+
 def compute_path(cfg, device: torch.device) -> ComputePath:
     """The path of a run on `device` under the config's `amp` and `memory_format`."""
     amp, fmt = _key(cfg, "amp", AMP_VALUES), _key(cfg, "memory_format", MEMORY_FORMATS)
@@ -165,6 +187,4 @@ def compute_path(cfg, device: torch.device) -> ComputePath:
 
 def compute_record(cfg) -> dict:
     """results.json `compute` of a run of `cfg` (on cfg.device, which the runner sets to the run's)."""
-    from dynammo.engine import resolve_device  # engine imports this module
-
     return compute_path(cfg, resolve_device(cfg.device)).record()

@@ -1,5 +1,5 @@
-"""The shared training machinery: device, optimisers, schedules, mixed precision, progress, and
-the one `fit` every method and every stage of a method trains with."""
+"""The shared training machinery: mixed precision, progress, divergence checks, and the one `fit`
+every method and every stage of a method trains with."""
 from __future__ import annotations
 
 import functools
@@ -7,12 +7,13 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from dynammo.batch import Batch, EpochSums, LossFn
 from dynammo.compute import compute_path
 from dynammo.console import Console
 from dynammo.data.imageset import ImageSet
@@ -22,136 +23,13 @@ from dynammo.errors import RunInterrupted, UserError, is_allocation_failure
 from dynammo.distributed import World
 from dynammo.global_batchnorm import trains_batchnorm, training_step
 from dynammo.journal import FitJournal, rng_state, set_rng_state
+from dynammo.optim import OptimSettings
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    name = (name or "auto").lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.isdigit():  # reference-framework style: a GPU index
-        name = f"cuda:{name}"
-    try:
-        dev = torch.device(name)
-    except RuntimeError as exc:
-        raise UserError(f"device '{name}' is not valid; use cpu, cuda, cuda:N or mps") from exc
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"device '{name}' asked for but CUDA is not available here; use device=cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UserError(f"device '{name}' does not exist: {torch.cuda.device_count()} CUDA device(s); pick another index")
-    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise UserError("device 'mps' asked for but MPS is not available here; use device=cpu")
-    elif dev.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f"device '{name}' is not supported; use cpu, cuda, cuda:N or mps")
-    return dev
-
-
-@dataclass
-class OptimSettings:
-    """How one stage trains. `OptimSettings.from_config(cfg, "_finetune")` reads stage-specific keys
-    (epochs_finetune, lrate_finetune, ...) falling back to the general ones."""
-
-    epochs: int
-    opt_type: str = "sgd"
-    lrate: float = 0.01
-    weight_decay: float = 0.0
-    opt_mom: float = 0.9
-    scheduler: str = "multi_step"
-    milestones: List[int] = field(default_factory=list)
-    lrate_decay: float = 0.1
-    batch_size: int = 32
-
-    @classmethod
-    def from_config(cls, cfg, suffix: str = "", first_task: bool = False, **overrides) -> "OptimSettings":
-        """first_task: use the reference framework's init_* keys (init_epochs, init_lrate, ...) when set."""
-        def pick(key):
-            if key in overrides:
-                return overrides[key]
-            v = cfg.get(key + suffix) if suffix else None
-            if v is None and first_task and not suffix:
-                v = cfg.get("init_" + key)
-            return cfg[key] if v is None else v
-
-        return cls(**{k: pick(k) for k in ("epochs", "opt_type", "lrate", "weight_decay", "opt_mom", "scheduler",
-                                           "milestones", "lrate_decay", "batch_size")})
-
-    def optimizer(self, params) -> torch.optim.Optimizer:
-        if self.opt_type == "sgd":
-            return torch.optim.SGD(params, lr=self.lrate, momentum=self.opt_mom, weight_decay=self.weight_decay)
-        if self.opt_type == "adam":
-            return torch.optim.Adam(params, lr=self.lrate, weight_decay=self.weight_decay)
-        if self.opt_type == "adamw":
-            return torch.optim.AdamW(params, lr=self.lrate, weight_decay=self.weight_decay)
-        raise UserError(f"opt_type '{self.opt_type}' is not supported; use sgd, adam or adamw")
-
-    def schedule(self, opt):
-        if self.scheduler == "multi_step" and self.milestones:
-            return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=self.milestones, gamma=self.lrate_decay)
-        if self.scheduler == "cos":
-            return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.epochs)
-        return None
-
-
-@dataclass
-class Batch:
-    x: torch.Tensor  # transformed float images on the device
-    y: torch.Tensor  # labels on the device
-    raw: torch.Tensor  # the uint8 images (before augmentation), on the device
-    index: torch.Tensor  # indices into the ImageSet being trained on
-    # the labels of the whole global batch when this process trains on a slice of it (a distributed
-    # run); a loss that depends on the batch as a whole (ACL's which-heads-count test) reads it
-    global_y: Optional[torch.Tensor] = None
-
-    @property
-    def batch_labels(self) -> torch.Tensor:
-        return self.y if self.global_y is None else self.global_y
-
-    def subset_mean(self, local_mean: torch.Tensor, local_count: int, global_count: int) -> torch.Tensor:
-        """A loss term that averages over a subset of the batch (UCIR's old-class samples), taken
-        on this slice: rescaled so that the engine's slice-size weighting of the gradients gives
-        the whole batch's mean (unchanged on one process)."""
-        if self.global_y is None or local_count == 0:
-            return local_mean
-        return local_mean * (local_count * len(self.global_y) / (global_count * len(self.y)))
-
-
-class EpochSums:
-    """The running loss and accuracy of an epoch, kept on the device (no host sync per batch)."""
-
-    def __init__(self, device: torch.device, saved: Optional[tuple] = None):
-        self.loss = torch.zeros((), device=device)
-        self.correct = torch.zeros((), device=device, dtype=torch.long)
-        self.seen = self.counted = 0
-        if saved is not None:
-            self.loss += saved[0]
-            self.correct += saved[1]
-            self.seen, self.counted = saved[2], saved[3]
-
-    def add(self, loss: torch.Tensor, n: int, logits: Optional[torch.Tensor], target: Optional[torch.Tensor]) -> None:
-        self.loss += loss.detach() * n
-        self.seen += n
-        if logits is not None:
-            self.correct += (logits.detach().argmax(1) == target).sum()
-            self.counted += len(target)
-
-    def state(self) -> tuple:
-        return self.loss.cpu(), self.correct.cpu(), self.seen, self.counted
-
-    def totals(self, world: World) -> Tuple[float, Optional[float]]:
-        """(mean loss, accuracy % or None) over the epoch's global batches."""
-        t = torch.stack([self.loss.double().cpu(), self.correct.double().cpu(),
-                         torch.tensor(float(self.seen), dtype=torch.float64),
-                         torch.tensor(float(self.counted), dtype=torch.float64)])
-        if world.distributed:
-            t = world.sum_(t.to(world.device())).cpu()
-        loss, correct, seen, counted = t.tolist()
-        return loss / max(seen, 1), (100.0 * correct / counted if counted else None)
 
 
 # Passes whose outputs feed training (herding features, class means, weight imprinting, BatchNorm
@@ -169,9 +47,6 @@ DIVERGENCE_FLOOR = 1.0
 def diverged(first_loss: float, last_loss: float) -> bool:
     return last_loss > DIVERGENCE_RATIO * first_loss and last_loss > DIVERGENCE_FLOOR
 
-
-# A step's loss: returns (loss, logits for the running accuracy or None, targets for it or None)
-LossFn = Callable[[Batch], Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]]
 
 
 def _allocation_guard(batch_key: str):

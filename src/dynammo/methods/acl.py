@@ -29,14 +29,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dynammo.batch import Batch
 from dynammo.config import Option
 from dynammo.data.imageset import ImageSet
 from dynammo.data.memory import balanced_set
 from dynammo.data.scenario import Task
-from dynammo.engine import Batch, OptimSettings
 from dynammo.errors import UserError
 from dynammo.methods import METHODS
 from dynammo.methods.base import Method
+from dynammo.optim import OptimSettings
 from dynammo.methods.frozen import (BACKBONE_EPOCHS, FrozenBackboneNet, check_backbone_can_train,
                                     no_weights_deviation, train_backbone_then_freeze)
 from dynammo.models.adapters import AdapterSet, stage_channels

@@ -32,14 +32,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dynammo.batch import Batch
 from dynammo.config import NOT_DECLARED, Option
 from dynammo.data.imageset import ImageSet
 from dynammo.data.memory import ExemplarMemory
 from dynammo.data.scenario import Scenario, Task
-from dynammo.engine import Batch, Engine, OptimSettings
+from dynammo.engine import Engine
 from dynammo.errors import UserError
 from dynammo.models.backbones import backbone_has_stages, backbone_kwargs, build_backbone
 from dynammo.models.network import IncrementalNet
+from dynammo.optim import OptimSettings
 
 
 def _counting_tasks(begin_task):

@@ -30,15 +30,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dynammo.batch import Batch
 from dynammo.config import Option
 from dynammo.data.imageset import ImageSet
 from dynammo.data.scenario import Task
-from dynammo.engine import Batch, OptimSettings
 from dynammo.errors import UserError
 from dynammo.methods import METHODS
 from dynammo.methods.distill import DistillMethod, kd_options
 from dynammo.models.backbones import backbone_kwargs, build_backbone
 from dynammo.models.network import IncrementalNet
+from dynammo.optim import OptimSettings
 
 OPT_TYPES = ("sgd", "adam", "adamw")
 

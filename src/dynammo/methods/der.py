@@ -32,14 +32,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dynammo.batch import Batch
 from dynammo.config import Option
 from dynammo.data.imageset import ImageSet
 from dynammo.data.memory import balanced_set
 from dynammo.data.scenario import Task
-from dynammo.engine import Batch, OptimSettings
 from dynammo.methods import METHODS
 from dynammo.methods.base import Method
 from dynammo.models.backbones import Backbone, backbone_kwargs, build_backbone
+from dynammo.optim import OptimSettings
 
 
 def old_vs_new_labels(y: torch.Tensor, start: int) -> torch.Tensor:

@@ -29,13 +29,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dynammo.batch import Batch
 from dynammo.config import Option
 from dynammo.data.memory import ReservoirBuffer
-from dynammo.engine import Batch, OptimSettings
 from dynammo.errors import UserError
 from dynammo.global_batchnorm import shared_pass
 from dynammo.methods import METHODS
 from dynammo.methods.base import Method
+from dynammo.optim import OptimSettings
 
 
 def stored_logits_mse(logits: torch.Tensor, stored: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:

@@ -21,10 +21,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dynammo.batch import Batch
 from dynammo.config import Option
 from dynammo.data.imageset import ImageSet
 from dynammo.data.scenario import Task
-from dynammo.engine import Batch
 from dynammo.methods.base import Method
 
 

@@ -22,13 +22,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dynammo.batch import Batch
 from dynammo.config import Option
 from dynammo.data.scenario import Task, task_sizes
-from dynammo.engine import Batch, OptimSettings
 from dynammo.errors import UserError
 from dynammo.methods.acl import check_adapter_stages
 from dynammo.models.adapters import AdapterSet, stage_channels
 from dynammo.models.backbones import backbone_has_stages
+from dynammo.optim import OptimSettings
 
 VARIANTS = ("adapter", "finetune")
 LAYER_NAMES = Option("str_list", None, "adapter variant: backbone stages that get an adapter at their input "

@@ -11,10 +11,11 @@ import itertools
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dynammo.batch import Batch
 from dynammo.config import Option
 from dynammo.data.scenario import Task, task_sizes
-from dynammo.engine import Batch, OptimSettings
 from dynammo.errors import UserError
+from dynammo.optim import OptimSettings
 
 BACKBONE_EPOCHS = Option("int", None, "pretrained=false only: epochs of plain training of the backbone on "
                                       "task 0 before it is frozen (default: epochs; 0 keeps it random)", min=0)

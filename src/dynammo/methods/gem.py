@@ -42,13 +42,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dynammo.batch import Batch
 from dynammo.config import Option
 from dynammo.data.memory import select
 from dynammo.data.scenario import Task, task_sizes
-from dynammo.engine import Batch, OptimSettings
 from dynammo.errors import UserError
 from dynammo.methods import METHODS
 from dynammo.methods.base import Method
+from dynammo.optim import OptimSettings
 
 
 def require_quadprog():

@@ -30,10 +30,10 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from dynammo.batch import Batch
 from dynammo.config import Option
 from dynammo.data.memory import ExemplarMemory, at_least_float32
 from dynammo.data.scenario import Task
-from dynammo.engine import Batch
 from dynammo.methods import METHODS
 from dynammo.methods.distill import DistillMethod, kd_options
 

@@ -2,9 +2,9 @@
 classes at once. No continual constraint: the upper bound the other methods are measured against.
 Every fresh model gets the same budget: the first task's settings (init_* keys where set), since
 each is trained from scratch as the first task's model is."""
-from dynammo.engine import OptimSettings
 from dynammo.methods import METHODS
 from dynammo.methods.base import Method
+from dynammo.optim import OptimSettings
 
 
 @METHODS.register("joint", aliases=("joint_il", "upper_bound", "offline"))

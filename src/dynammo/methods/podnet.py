@@ -33,14 +33,15 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
+from dynammo.batch import Batch
 from dynammo.config import Option
 from dynammo.data.memory import balanced_set
 from dynammo.data.scenario import Task
-from dynammo.engine import Batch, OptimSettings
 from dynammo.methods import METHODS
 from dynammo.methods.distill import frozen_copy
 from dynammo.methods.ucir import CosineRehearsal, build_cosine_net
 from dynammo.models.cosine import CosineNet, imprinted_weights
+from dynammo.optim import OptimSettings
 
 
 NCA_VARIANTS = ("paper", "stable", "code")

@@ -45,9 +45,9 @@ import torch
 
 from dynammo.config import Option
 from dynammo.data.scenario import Task
-from dynammo.engine import OptimSettings
 from dynammo.methods import METHODS
 from dynammo.methods.distill import DistillMethod, kd_options
+from dynammo.optim import OptimSettings
 
 # The two named recipes; `kd_weight` / `weight_clipping` left unset (null) take the preset's value.
 PRESETS: Dict[str, Dict[str, object]] = {

@@ -35,16 +35,19 @@ from typing import List, Optional
 
 import torch
 
+from dynammo.batch import Batch
+from dynammo.compute import resolve_device
+from dynammo.config import read_yaml
 from dynammo.console import Console
 from dynammo.data.imageset import ImageSet
 from dynammo.data.transforms import BatchTransform
 from dynammo.distributed import launched_by_torchrun
-from dynammo.engine import Batch, Engine, OptimSettings, resolve_device, seed_everything
+from dynammo.engine import Engine, seed_everything
 from dynammo.errors import RunInterrupted, UserError
-from dynammo.config import read_yaml
 from dynammo.io import read_json, save_torch_atomic, write_bytes_atomic, write_json_atomic, write_text_atomic
 from dynammo.journal import FitJournal, rng_state
 from dynammo.models.backbones import backbone_kwargs, build_backbone
+from dynammo.optim import OptimSettings
 from dynammo.pretrain.augment import TwoViews, preset
 from dynammo.pretrain.config import (build_pretrain_config, deviations, load_pretrain_config, resolved_lrate,
                                      run_seed)
