@@ -1,10 +1,13 @@
-"""Shared fixtures: configs, tiny generated image files in each dataset's on-disk layout, and the
-real data of ../shared/data (tests that need it skip when it is absent)."""
+"""Shared fixtures: configs, tiny generated image files in each dataset's on-disk layout, the real
+data of ../shared/data (tests that need it skip when it is absent), the ways a test runs dynammo
+(in this process, as a subprocess, under torchrun) and the test tiers they imply."""
 from __future__ import annotations
 
 import io
 import os
 import pathlib
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -18,7 +21,31 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dynammo.config import build_config
+from dynammo.configure import build_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# ---------------------------------------------------------------- tiers
+
+# A test's tier follows from the fixtures it uses (directly or through other fixtures), so a test
+# cannot run a subprocess or a training without leaving `unit`. The heaviest tier wins.
+TIER_OF_FIXTURE = {
+    "torchrun": "distributed", "spawn_processes": "distributed",
+    "cli": "e2e",
+    "run_in_process": "contract",
+}
+TIERS = ("unit", "contract", "e2e", "distributed")  # lightest first
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        tiers = {TIER_OF_FIXTURE[f] for f in item.fixturenames if f in TIER_OF_FIXTURE}
+        tiers |= {m.name for m in item.iter_markers() if m.name in TIERS}  # a module that marks itself
+        tier = max(tiers, key=TIERS.index, default="unit")
+        if not item.get_closest_marker(tier):
+            item.add_marker(tier)
+        if len(tiers) > 1 and any(item.get_closest_marker(t) for t in tiers if t != tier):
+            raise pytest.UsageError(f"{item.nodeid} is marked with several tiers: {sorted(tiers)}")
 
 
 def _shared_data_dir() -> Path:
@@ -158,24 +185,92 @@ def write_npz():
     return write
 
 
-# ---------------------------------------------------------------- shared real runs
+# ---------------------------------------------------------------- running dynammo
+
+
+class Cli:
+    """`python -m dynammo ...` (or another Python entry point) in a subprocess from the repository
+    root, with the suite's environment: offline, unbuffered, one thread per subprocess (tiny networks
+    gain nothing from two, and two stall when the cores are shared)."""
+
+    root = ROOT
+
+    @staticmethod
+    def env(**extra) -> dict:
+        return dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra)
+
+    def __call__(self, *args, **kw) -> subprocess.CompletedProcess:
+        """`dynammo *args`, waited for; kw as in python()."""
+        return self.python("-m", "dynammo", *args, **kw)
+
+    def python(self, *argv, cwd=None, env=None, timeout=600) -> subprocess.CompletedProcess:
+        """`python *argv`, waited for, its output captured as text."""
+        return subprocess.run([sys.executable, *map(str, argv)], capture_output=True, text=True,
+                              cwd=cwd or ROOT, env=env or self.env(), timeout=timeout)
+
+    def popen(self, *argv, env=None, **kw) -> subprocess.Popen:
+        """`python *argv` started, its output piped as text (kw: more Popen arguments)."""
+        return subprocess.Popen([sys.executable, *map(str, argv)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env or self.env(), **kw)
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
+def cli() -> Cli:
+    """The subprocess runner (Cli); a test that uses it is in the `e2e` tier."""
+    return Cli()
+
+
+@pytest.fixture(scope="session")
+def torchrun(cli):
+    """torchrun(procs, *argv, **popen_kw) -> `python -m torch.distributed.run --standalone
+    --nproc-per-node=procs *argv` started (plain `python *argv` for one process), in its own
+    session so that a signal can reach every rank; a test that uses it is `distributed`."""
+
+    def start(procs: int, *argv, **kw) -> subprocess.Popen:
+        head = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}"] if procs > 1 else []
+        return cli.popen(*head, *argv, start_new_session=True, **kw)
+
+    return start
+
+
+@pytest.fixture(scope="session")
+def spawn_processes():
+    """spawn_processes(worker, args, nprocs): torch.multiprocessing.spawn, joined; `distributed`."""
+    import torch.multiprocessing as mp
+
+    def spawn(worker, args, nprocs: int) -> None:
+        mp.spawn(worker, args=args, nprocs=nprocs, join=True)
+
+    return spawn
+
+
+@pytest.fixture(scope="session")
+def run_in_process():
+    """run_in_process(*argv) -> the exit status of `dynammo *argv` run in this process on one
+    thread (a training: a test that uses it is in the `contract` tier)."""
+    from dynammo.cli import main
+    from method_helpers import one_thread
+
+    def run(*argv) -> int:
+        with one_thread():
+            return main([str(a) for a in argv])
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, run_in_process):
     """tiny_run(method) -> the run directory of a real `dynammo run` (in this process, one thread) of
     `method` at method_helpers.TINY_RUN size; one run per method per session, shared by every test
     that reads it (the contract tests and the methods' end-to-end tests). Treat it as read-only."""
-    from dynammo.cli import main
-    from method_helpers import one_thread, tiny_run_args
+    from method_helpers import tiny_run_args
 
     runs = {}
 
     def get(name: str) -> Path:
         if name not in runs:
             out = tmp_path_factory.mktemp("tiny_runs") / name
-            with one_thread():
-                rc = main(["run", "--out", str(out), *tiny_run_args(name)])
+            rc = run_in_process("run", "--out", out, *tiny_run_args(name))
             assert rc == 0, f"`dynammo run` of {name} failed (exit status {rc}); see the captured output"
             runs[name] = out
         return runs[name]

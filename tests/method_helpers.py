@@ -7,12 +7,23 @@ from contextlib import contextmanager
 import torch
 
 from dynammo.assembly import build_run
-from dynammo.config import build_config
+from dynammo.configure import build_config
 from dynammo.methods import METHODS
 
-# digits at 8 px on a CIFAR ResNet-20: 3 tasks (4, 3, 3 classes), seconds per task on one CPU thread
-TINY = dict(dataset="digits", backbone="resnet20", img_size=8, init_cls=4, increment=3, epochs=1, batch_size=16,
-            max_train_per_class=12, memory_size=30, seed=0, progress="false", augment=False)
+# The suite's one tiny scenario: digits at 8 px on a CIFAR ResNet-20, 3 tasks (4, 3, 3 classes),
+# seconds per task on one CPU thread. Tests state only what they change ({**TINY, ...}).
+DIGITS_8PX = dict(dataset="digits", backbone="resnet20", img_size=8)
+QUIET = dict(progress="false", plots="false", tensorboard="false")  # no bar, no plots, no event files
+TINY_SCENARIO = dict(**DIGITS_8PX, init_cls=4, increment=3, epochs=1, batch_size=16, max_train_per_class=12,
+                     memory_size=30, seed=0, progress="false")
+# the method tests build and train in this process, without augmentation
+TINY = dict(TINY_SCENARIO, augment=False)
+
+
+def cli_args(*configs: dict, **kw) -> list:
+    """`key=value` command-line arguments of the configs merged (later ones win; kw last)."""
+    merged = {k: v for c in (*configs, kw) for k, v in c.items()}
+    return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in merged.items()]
 
 
 # The prompt methods (L2P, DualPrompt, CODA-Prompt) need a ViT: the configurable vit_cpu at 16 px,
@@ -70,9 +81,7 @@ def same(a: dict, b: dict) -> bool:
 # The same size as a real `dynammo run` on the command line (augmentation on, as the digits protocol
 # has it), shared by tests/test_method_contract.py and the methods' end-to-end tests: every stage of
 # the method (epochs_finetune, epochs_bias, backbone_epochs, ...) trains for one epoch.
-TINY_RUN = dict(dataset="digits", backbone="resnet20", img_size=8, init_cls=4, increment=3, epochs=1, batch_size=16,
-                max_train_per_class=12, memory_size=30, seed=0, progress="false", plots="false",
-                tensorboard="false")
+TINY_RUN = dict(TINY_SCENARIO, **QUIET)
 
 
 def tiny_run_args(name: str, **kw) -> list:

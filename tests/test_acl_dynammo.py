@@ -25,9 +25,7 @@ from method_helpers import run_task, same, snapshot
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(dataset="digits", backbone="resnet20", img_size=8, init_cls=4, increment=3, epochs=1,
-            epochs_finetune=1, batch_size=16, max_train_per_class=12, memory_size=30, seed=0,
-            backbone_epochs=1, progress="false", augment=False)
+TINY = dict(method_helpers.TINY, epochs_finetune=1, backbone_epochs=1)
 
 
 def make_method(name: str, **kw):

@@ -4,8 +4,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,10 +11,11 @@ import numpy as np
 import pytest
 import yaml
 
+from method_helpers import DIGITS_8PX, cli_args
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DYNAMMO_SHARED_DATA", ROOT.parent / "shared" / "data"))
-TINY = ["dataset=digits", "backbone=resnet20", "img_size=8", "epochs=1", "max_train_per_class=20",
-        "batch_size=32", "progress=false", "tensorboard=true"]
+TINY = cli_args(DIGITS_8PX, epochs=1, max_train_per_class=20, batch_size=32, progress="false", tensorboard="true")
 
 
 def wait_for(path, needle, proc, timeout=300):
@@ -30,12 +29,6 @@ def wait_for(path, needle, proc, timeout=300):
     raise AssertionError(f"'{needle}' never appeared in {path}")
 
 
-def run_cli(*args, cwd=None, timeout=600):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "dynammo", *args], capture_output=True, text=True,
-                          cwd=cwd or ROOT, env=env, timeout=timeout)
-
-
 def assert_user_error(proc, *needles):
     assert proc.returncode == 2, proc.stderr + proc.stdout
     lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
@@ -47,9 +40,9 @@ def assert_user_error(proc, *needles):
 
 
 @pytest.fixture(scope="module")
-def replay_run(tmp_path_factory):
+def replay_run(cli, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "replay"
-    proc = run_cli("run", "--out", str(out), "method=replay", "memory_size=20", *TINY)
+    proc = cli("run", "--out", str(out), "method=replay", "memory_size=20", *TINY)
     assert proc.returncode == 0, proc.stderr
     return out, proc
 
@@ -107,9 +100,9 @@ def test_metrics_csv_and_log(replay_run):
     assert "after task" in proc.stdout  # the table of accuracy after each task
 
 
-def test_seed_list_runs_each_seed_and_summarises(tmp_path):
-    proc = run_cli("run", "--out", str(tmp_path / "s"), "method=finetune", "seed=[1,2]", "init_cls=5",
-                   "increment=5", *TINY)
+def test_seed_list_runs_each_seed_and_summarises(cli, tmp_path):
+    proc = cli("run", "--out", str(tmp_path / "s"), "method=finetune", "seed=[1,2]", "init_cls=5",
+               "increment=5", *TINY)
     assert proc.returncode == 0, proc.stderr
     s = json.loads((tmp_path / "s" / "summary.json").read_text())
     r1 = json.loads((tmp_path / "s" / "seed1" / "results.json").read_text())
@@ -119,8 +112,8 @@ def test_seed_list_runs_each_seed_and_summarises(tmp_path):
     assert r1["class_order"] != r2["class_order"]  # the seed shuffles the class order
 
 
-def test_joint_trains_on_all_seen_classes(tmp_path):
-    proc = run_cli("run", "--out", str(tmp_path / "j"), "method=joint", "init_cls=5", "increment=5", *TINY)
+def test_joint_trains_on_all_seen_classes(cli, tmp_path):
+    proc = cli("run", "--out", str(tmp_path / "j"), "method=joint", "init_cls=5", "increment=5", *TINY)
     assert proc.returncode == 0, proc.stderr
     r = json.loads((tmp_path / "j" / "results.json").read_text())
     assert r["cost"][1]["memory_exemplars"] == 0
@@ -128,17 +121,17 @@ def test_joint_trains_on_all_seen_classes(tmp_path):
     assert r["cost"][1]["params_total"] == r["cost"][0]["params_total"] + 5 * (64 + 1)
 
 
-def test_list_shows_methods_datasets_backbones():
-    proc = run_cli("list")
+def test_list_shows_methods_datasets_backbones(cli):
+    proc = cli("list")
     assert proc.returncode == 0
     for word in ("replay", "finetune", "joint", "digits", "mednist", "folder", "csv", "bloodmnist",
                  "resnet18", "resnet32", "resnet18_cifar"):
         assert word in proc.stdout, word
-    keys = run_cli("list", "--keys")
+    keys = cli("list", "--keys")
     assert "max_train_per_class" in keys.stdout and "sampling_method" in keys.stdout
 
 
-def test_reference_main_py_with_nested_config(tmp_path):
+def test_reference_main_py_with_nested_config(cli, tmp_path):
     cfg = {
         "basic": {"model_name": "finetune_il", "dataset": "digits", "convnet_type": "resnet20", "random_seed": 7,
                   "init_cls": 5, "increment": 5, "save_models": False},
@@ -147,9 +140,7 @@ def test_reference_main_py_with_nested_config(tmp_path):
     }
     path = tmp_path / "ref.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "--config", str(path), "--device", "-1",
-                           "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=600)
+    proc = cli.python(ROOT / "main.py", "--config", path, "--device", "-1", "--out", tmp_path / "out")
     assert proc.returncode == 0, proc.stderr
     r = json.loads((tmp_path / "out" / "results.json").read_text())
     assert r["method"] == "finetune" and r["seed"] == 7 and r["backbone"] == "resnet20"
@@ -176,29 +167,29 @@ def test_reference_main_py_with_nested_config(tmp_path):
     ("lrate=fast", "'lrate' must be a number"),
     ("checkpoint_every=-2", "'checkpoint_every' must be >= 0"),
 ])
-def test_bad_config_values(tmp_path, override, needle):
+def test_bad_config_values(cli, tmp_path, override, needle):
     out = tmp_path / "never"
     args = ["run", "--out", str(out), "method=replay", "memory_size=20", *TINY, override]
-    proc = run_cli(*args)
+    proc = cli(*args)
     assert_user_error(proc, needle)
     assert not out.exists()
 
 
-def test_missing_config_file_and_bad_yaml(tmp_path):
-    assert_user_error(run_cli("run", "-c", str(tmp_path / "nope.yaml")), "does not exist")
+def test_missing_config_file_and_bad_yaml(cli, tmp_path):
+    assert_user_error(cli("run", "-c", str(tmp_path / "nope.yaml")), "does not exist")
     bad = tmp_path / "bad.yaml"
     bad.write_text("method: replay\n  epochs: [1,\n")
-    assert_user_error(run_cli("run", "-c", str(bad)), "not valid YAML")
+    assert_user_error(cli("run", "-c", str(bad)), "not valid YAML")
 
 
-def test_missing_dataset_folder(tmp_path):
+def test_missing_dataset_folder(cli, tmp_path):
     out = tmp_path / "never"
-    proc = run_cli("run", "--out", str(out), "dataset=mednist", f"data_root={tmp_path / 'nothing'}", "epochs=1")
+    proc = cli("run", "--out", str(out), "dataset=mednist", f"data_root={tmp_path / 'nothing'}", "epochs=1")
     assert_user_error(proc, "MedNIST not found", "data_root")
     assert not out.exists()
 
 
-def test_empty_class_folder_and_corrupt_image(tmp_path):
+def test_empty_class_folder_and_corrupt_image(cli, tmp_path):
     from PIL import Image
 
     root = tmp_path / "imgs"
@@ -208,27 +199,27 @@ def test_empty_class_folder_and_corrupt_image(tmp_path):
             Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(root / c / f"{i}.png")
     (root / "c").mkdir()
     out = tmp_path / "never"
-    proc = run_cli("run", "--out", str(out), "dataset=folder", f"data_root={root}", "init_cls=1", "increment=1", "epochs=1")
+    proc = cli("run", "--out", str(out), "dataset=folder", f"data_root={root}", "init_cls=1", "increment=1", "epochs=1")
     assert_user_error(proc, "holds no images", str(root / "c"))
     (root / "c").rmdir()
     (root / "b" / "3.png").write_bytes(b"not a png at all")
-    proc = run_cli("run", "--out", str(out), "dataset=folder", f"data_root={root}", "init_cls=1", "increment=1", "epochs=1")
+    proc = cli("run", "--out", str(out), "dataset=folder", f"data_root={root}", "init_cls=1", "increment=1", "epochs=1")
     assert_user_error(proc, "cannot be read", "3.png")
     assert not out.exists()
 
 
-def test_corrupt_npz(tmp_path):
+def test_corrupt_npz(cli, tmp_path):
     (tmp_path / "bloodmnist.npz").write_bytes(b"PK\x03\x04 truncated")
     out = tmp_path / "never"
-    proc = run_cli("run", "--out", str(out), "dataset=bloodmnist", f"data_root={tmp_path}", "epochs=1")
+    proc = cli("run", "--out", str(out), "dataset=bloodmnist", f"data_root={tmp_path}", "epochs=1")
     assert_user_error(proc, "corrupt or truncated", "bloodmnist.npz")
     assert not out.exists()
 
 
-def test_run_dir_holding_a_run_is_refused(replay_run):
+def test_run_dir_holding_a_run_is_refused(cli, replay_run):
     out, _ = replay_run
     before = (out / "results.json").read_bytes()
-    proc = run_cli("run", "--out", str(out), "method=replay", "memory_size=20", *TINY)
+    proc = cli("run", "--out", str(out), "method=replay", "memory_size=20", *TINY)
     assert_user_error(proc, "already holds a run")
     assert (out / "results.json").read_bytes() == before
 
@@ -240,11 +231,11 @@ needs_mednist = pytest.mark.skipif(not (SHARED / "mednist.tar.gz").is_file(),
 
 
 @needs_mednist
-def test_replay_config_on_real_mednist(tmp_path):
+def test_replay_config_on_real_mednist(cli, tmp_path):
     out = tmp_path / "mednist"
-    proc = run_cli("run", "-c", "mednist_cpu", "-c", "replay", "--out", str(out), "seed=1993",
-                   f"data_root={SHARED}", "epochs=1", "max_train_per_class=30", "max_test_per_class=30",
-                   "img_size=32", "memory_size=30", "progress=false")
+    proc = cli("run", "-c", "mednist_cpu", "-c", "replay", "--out", str(out), "seed=1993",
+               f"data_root={SHARED}", "epochs=1", "max_train_per_class=30", "max_test_per_class=30",
+               "img_size=32", "memory_size=30", "progress=false")
     assert proc.returncode == 0, proc.stderr
     r = json.loads((out / "results.json").read_text())
     assert r["dataset"] == "mednist" and len(r["tasks"]) == 3

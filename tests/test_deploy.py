@@ -15,35 +15,35 @@ from dynammo.console import Console
 from dynammo.data.imageset import ImageSet
 from dynammo.deploy import DeployedClassifier, decision, load_exported
 from dynammo.runner import prepare
-from test_cli_e2e import SHARED, assert_user_error, needs_mednist, run_cli
+from test_cli_e2e import SHARED, assert_user_error, needs_mednist
 
 SMALL = ["epochs=1", "batch_size=32", "progress=false", "plots=false", "tensorboard=false"]
 
 
 @pytest.fixture(scope="module")
-def dynammo_mednist(tmp_path_factory):
+def dynammo_mednist(cli, tmp_path_factory):
     """A real DynaMMo run on real MedNIST images (3 tasks x 2 classes), exported."""
     if not (SHARED / "mednist.tar.gz").is_file():
         pytest.skip(f"real MedNIST not found at {SHARED} (the ../shared/data folder)")
     root = tmp_path_factory.mktemp("deploy")
     run_dir, model = root / "run", root / "model.pt"
-    proc = run_cli("run", "-c", "mednist_cpu", "-c", "dynammo", "--out", str(run_dir), f"data_root={SHARED}", "seed=1993",
-                   "backbone=resnet20", "img_size=32", "max_train_per_class=30", "max_test_per_class=20",
-                   "memory_size=30", "epochs_finetune=1", "backbone_epochs=2", *SMALL)
+    proc = cli("run", "-c", "mednist_cpu", "-c", "dynammo", "--out", str(run_dir), f"data_root={SHARED}", "seed=1993",
+               "backbone=resnet20", "img_size=32", "max_train_per_class=30", "max_test_per_class=20",
+               "memory_size=30", "epochs_finetune=1", "backbone_epochs=2", *SMALL)
     assert proc.returncode == 0, proc.stderr
-    proc = run_cli("export", str(run_dir), "--out", str(model))
+    proc = cli("export", str(run_dir), "--out", str(model))
     assert proc.returncode == 0, proc.stderr
     assert "after task 3/3" in proc.stdout
     return run_dir, model
 
 
 @pytest.fixture(scope="module")
-def replay_digits(tmp_path_factory):
+def replay_digits(cli, tmp_path_factory):
     """A real Replay run on digits (a plain softmax head), exported after task 1 and after the last."""
     root = tmp_path_factory.mktemp("deploy_digits")
     run_dir = root / "run"
-    proc = run_cli("run", "--out", str(run_dir), "method=replay", "dataset=digits", "backbone=resnet20", "img_size=8",
-                   "max_train_per_class=20", "memory_size=20", *SMALL)
+    proc = cli("run", "--out", str(run_dir), "method=replay", "dataset=digits", "backbone=resnet20", "img_size=8",
+               "max_train_per_class=20", "memory_size=20", *SMALL)
     assert proc.returncode == 0, proc.stderr
     return run_dir
 
@@ -79,14 +79,14 @@ def test_exported_dynammo_equals_the_framework_model(dynammo_mednist):
     assert sorted(meta["class_names"]) == ["AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT"]
 
 
-def test_export_applies_the_runs_centre_crop(tmp_path):
+def test_export_applies_the_runs_centre_crop(cli, tmp_path):
     """test_crop=center (Resize(side*256/224) + CenterCrop, the prompt protocols' test view): the
     exported model crops as evaluation does, so it gives the run's predictions and confidences."""
     run_dir, model_file = tmp_path / "run", tmp_path / "model.pt"
-    proc = run_cli("run", "--out", str(run_dir), "method=replay", "dataset=digits", "backbone=resnet20", "img_size=16",
-                   "max_train_per_class=20", "memory_size=20", "init_cls=5", "increment=5", "test_crop=center", *SMALL)
+    proc = cli("run", "--out", str(run_dir), "method=replay", "dataset=digits", "backbone=resnet20", "img_size=16",
+               "max_train_per_class=20", "memory_size=20", "init_cls=5", "increment=5", "test_crop=center", *SMALL)
     assert proc.returncode == 0, proc.stderr
-    proc = run_cli("export", str(run_dir), "--out", str(model_file))
+    proc = cli("export", str(run_dir), "--out", str(model_file))
     assert proc.returncode == 0, proc.stderr
     _, test, model, meta = check_export_equals_framework(run_dir, model_file)
     assert (meta["test_crop"], meta["keep_aspect"], meta["inputs"]) == ("center", False, ["images"])
@@ -98,7 +98,7 @@ def test_export_applies_the_runs_centre_crop(tmp_path):
         assert not torch.allclose(plain(test.images)[1], model(test.images)[1], atol=1e-3)
 
 
-def test_export_and_predict_crop_on_each_files_original_geometry(tmp_path):
+def test_export_and_predict_crop_on_each_files_original_geometry(cli, tmp_path):
     """keep_aspect + test_crop=center on images of several aspect ratios: the exported program takes
     each image's original height / width, and `dynammo predict` on the original files (read from their
     headers) gives what evaluation gives on the same files."""
@@ -108,11 +108,11 @@ def test_export_and_predict_crop_on_each_files_original_geometry(tmp_path):
     _write_folder(tmp_path / "data" / "train", shapes)
     _write_folder(tmp_path / "data" / "test", shapes[::-1])
     run_dir, model_file = tmp_path / "run", tmp_path / "model.pt"
-    proc = run_cli("run", "--out", str(run_dir), "method=finetune", "dataset=folder", f"data_root={tmp_path / 'data'}",
-                   "backbone=resnet20", "img_size=16", "init_cls=2", "increment=2", "memory_size=0",
-                   "test_crop=center", "keep_aspect=true", *SMALL)
+    proc = cli("run", "--out", str(run_dir), "method=finetune", "dataset=folder", f"data_root={tmp_path / 'data'}",
+               "backbone=resnet20", "img_size=16", "init_cls=2", "increment=2", "memory_size=0",
+               "test_crop=center", "keep_aspect=true", *SMALL)
     assert proc.returncode == 0, proc.stderr
-    proc = run_cli("export", str(run_dir), "--out", str(model_file))
+    proc = cli("export", str(run_dir), "--out", str(model_file))
     assert proc.returncode == 0, proc.stderr
     _, test, model, meta = check_export_equals_framework(run_dir, model_file)
     assert meta["inputs"] == ["images", "aspect"] and len(set(test.aspect.tolist())) > 1
@@ -125,7 +125,7 @@ def test_export_and_predict_crop_on_each_files_original_geometry(tmp_path):
     files = sorted((tmp_path / "data" / "test").rglob("*.png"))
     lazy = ImageSet(torch.zeros(len(files)), sources=[str(f) for f in files], channels=3, size=16).with_aspect()
     pred, conf = decision(engine.apply(method.predict, lazy))
-    proc = run_cli("predict", str(model_file), *map(str, files), "--csv")
+    proc = cli("predict", str(model_file), *map(str, files), "--csv")
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.DictReader(io.StringIO(proc.stdout)))
     assert [int(r["class_id"]) for r in rows] == pred.tolist()
@@ -145,12 +145,12 @@ def write_pngs(folder, test, idx):
 
 
 @needs_mednist
-def test_predict_prints_class_and_confidence_per_image(dynammo_mednist, tmp_path):
+def test_predict_prints_class_and_confidence_per_image(cli, dynammo_mednist, tmp_path):
     run_dir, model_file = dynammo_mednist
     scenario, test, pred, conf = framework_decisions(run_dir)
     idx = torch.linspace(0, len(test) - 1, 7).long().tolist()  # images of several classes
     files = write_pngs(tmp_path / "images", test, idx)
-    proc = run_cli("predict", str(model_file), *map(str, files), "--csv")
+    proc = cli("predict", str(model_file), *map(str, files), "--csv")
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.DictReader(io.StringIO(proc.stdout)))
     assert [r["image"] for r in rows] == [str(f) for f in files]
@@ -159,7 +159,7 @@ def test_predict_prints_class_and_confidence_per_image(dynammo_mednist, tmp_path
         assert r["class"] == scenario.class_names[pred[i].item()]
         assert float(r["confidence"]) == pytest.approx(conf[i].item(), abs=1e-5)
     # a folder argument: every image inside, sorted; plain output is one line per image
-    proc = run_cli("predict", str(model_file), str(tmp_path / "images"))
+    proc = cli("predict", str(model_file), str(tmp_path / "images"))
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == len(files)
@@ -168,42 +168,42 @@ def test_predict_prints_class_and_confidence_per_image(dynammo_mednist, tmp_path
     assert float(first[2]) == pytest.approx(float(rows[0]["confidence"]), abs=1e-4)
 
 
-def test_export_of_an_earlier_task_and_bad_inputs(replay_digits, tmp_path):
+def test_export_of_an_earlier_task_and_bad_inputs(cli, replay_digits, tmp_path):
     model_file = tmp_path / "task1.pt"
-    proc = run_cli("export", str(replay_digits), "--out", str(model_file), "--task", "1")
+    proc = cli("export", str(replay_digits), "--out", str(model_file), "--task", "1")
     assert proc.returncode == 0, proc.stderr
     _, meta = load_exported(model_file)
     r = json.loads((replay_digits / "results.json").read_text())
     assert meta["task"] == 1 and len(meta["class_names"]) == len(r["tasks"][0])
 
-    assert_user_error(run_cli("export", str(replay_digits), "--out", str(tmp_path / "x.pt"), "--task", "9"),
+    assert_user_error(cli("export", str(replay_digits), "--out", str(tmp_path / "x.pt"), "--task", "9"),
                       "no checkpoint after task 9", "available: 1, 2, 3, 4, 5")
-    assert_user_error(run_cli("export", str(tmp_path), "--out", str(tmp_path / "x.pt")), "not a run directory")
+    assert_user_error(cli("export", str(tmp_path), "--out", str(tmp_path / "x.pt")), "not a run directory")
     assert not (tmp_path / "x.pt").exists()
-    assert_user_error(run_cli("predict", str(model_file), str(tmp_path / "missing.png")), "missing.png", "does not exist")
+    assert_user_error(cli("predict", str(model_file), str(tmp_path / "missing.png")), "missing.png", "does not exist")
     not_model = tmp_path / "not_a_model.pt"
     not_model.write_bytes(b"garbage")
-    assert_user_error(run_cli("predict", str(not_model), str(tmp_path)), "not a model written by `dynammo export`")
+    assert_user_error(cli("predict", str(not_model), str(tmp_path)), "not a model written by `dynammo export`")
     bad_image = tmp_path / "bad.png"
     bad_image.write_bytes(b"not a png")
-    assert_user_error(run_cli("predict", str(model_file), str(bad_image)), "bad.png", "cannot be read")
+    assert_user_error(cli("predict", str(model_file), str(bad_image)), "bad.png", "cannot be read")
 
 
-def test_truncated_checkpoint_is_refused(replay_digits, tmp_path):
+def test_truncated_checkpoint_is_refused(cli, replay_digits, tmp_path):
     import shutil
 
     copy = tmp_path / "run"
     shutil.copytree(replay_digits, copy)
     ckpt = sorted((copy / "checkpoints").glob("task_*.pt"))[-1]
     ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
-    assert_user_error(run_cli("export", str(copy), "--out", str(tmp_path / "m.pt")), "damaged", ckpt.name)
+    assert_user_error(cli("export", str(copy), "--out", str(tmp_path / "m.pt")), "damaged", ckpt.name)
 
 
-def test_cost_table_of_a_config():
+def test_cost_table_of_a_config(cli):
     """`dynammo cost` prints a table from a config alone (no run); that it equals the cost a run
     records is checked for every method in tests/test_method_contract.py."""
-    proc = run_cli("cost", "method=acl", "dataset=digits", "backbone=resnet20", "img_size=8", "init_cls=4",
-                   "increment=3", "memory_size=20")
+    proc = cli("cost", "method=acl", "dataset=digits", "backbone=resnet20", "img_size=8", "init_cls=4",
+               "increment=3", "memory_size=20")
     assert proc.returncode == 0, proc.stderr
     table = [l for l in proc.stdout.splitlines() if l.startswith("| ") and l[2].isdigit()]
     gflops = [float(l.split("|")[3]) for l in table]

@@ -17,8 +17,7 @@ import method_helpers
 from method_helpers import run_task, snapshot, same
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-TINY = dict(dataset="digits", backbone="resnet20", img_size=8, init_cls=4, increment=3, epochs=1, epochs_finetune=1,
-            batch_size=16, max_train_per_class=12, memory_size=30, seed=0, progress="false", augment=False)
+TINY = dict(method_helpers.TINY, epochs_finetune=1)
 
 
 def make_method(**kw):

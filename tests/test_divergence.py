@@ -15,7 +15,6 @@ import re
 import pytest
 
 from dynammo.engine import diverged
-from test_report_cmd import run_cli
 
 RUN = ["dataset=digits", "backbone=resnet20", "img_size=8", "init_cls=5", "increment=5",
        "max_train_per_class=20", "batch_size=16", "epochs=3", "scheduler=none", "progress=false", "plots=false",
@@ -23,13 +22,13 @@ RUN = ["dataset=digits", "backbone=resnet20", "img_size=8", "init_cls=5", "incre
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(cli, tmp_path_factory):
     root = tmp_path_factory.mktemp("divergence")
     for name, keys in (("diverges", ["method=finetune", "lrate=5"]),
                        ("trains", ["method=replay", "memory_size=20", "lrate=0.05"])):
-        proc = run_cli("run", "--out", str(root / "runs" / name), *RUN, *keys)
+        proc = cli("run", "--out", str(root / "runs" / name), *RUN, *keys)
         assert proc.returncode == 0, proc.stderr[-2000:]
-    proc = run_cli("report", str(root / "runs"), "--out", str(root / "report"))
+    proc = cli("report", str(root / "runs"), "--out", str(root / "report"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     return root
 

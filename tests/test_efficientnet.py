@@ -20,7 +20,6 @@ from dynammo.runner import evaluate
 from dynammo.models import efficientnet as eff
 from dynammo.models.backbones import build_backbone
 from method_helpers import make_method, needs_vit, one_thread, run_task
-from test_cli_e2e import run_cli
 from test_deploy import check_export_equals_framework
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -168,11 +167,11 @@ FLAGSHIP = ["dataset=digits", "backbone=efficientnet_lite0", "pretrained=true", 
 
 
 @pytest.fixture(scope="module")
-def flagship_runs(tmp_path_factory):
+def flagship_runs(cli, tmp_path_factory):
     root = tmp_path_factory.mktemp("eff")
     runs = {}
     for method in ("dynammo", "acl"):
-        proc = run_cli("run", "--out", str(root / method), f"method={method}", *FLAGSHIP)
+        proc = cli("run", "--out", str(root / method), f"method={method}", *FLAGSHIP)
         assert proc.returncode == 0, proc.stderr[-2000:]
         runs[method] = root / method
     return runs
@@ -206,7 +205,7 @@ def test_dynammo_on_it_exports_the_framework_predictions(flagship_runs, tmp_path
 
 
 def test_the_pretrained_regime_protocols_load_offline(shared_file):
-    from dynammo.config import build_config
+    from dynammo.configure import build_config
     from dynammo.data import load_data
     from dynammo.protocols import compose
 

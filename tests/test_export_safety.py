@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import struct
-import subprocess
-import sys
 import zipfile
 import zlib
 
@@ -18,21 +15,21 @@ import pytest
 import torch
 from PIL import Image
 
-from test_cli_e2e import ROOT, assert_user_error, run_cli
+from method_helpers import DIGITS_8PX, QUIET, cli_args
+from test_cli_e2e import assert_user_error
 
-TINY = ["method=replay", "dataset=digits", "backbone=resnet20", "img_size=8", "max_train_per_class=20",
-        "memory_size=20", "epochs=1", "init_cls=4", "increment=3", "progress=false", "plots=false",
-        "tensorboard=false"]
+TINY = cli_args({"method": "replay"}, DIGITS_8PX, max_train_per_class=20, memory_size=20, epochs=1, init_cls=4,
+                increment=3, **QUIET)
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(cli, tmp_path_factory):
     """A real tiny run on digits and its export."""
     root = tmp_path_factory.mktemp("export_safety")
     run_dir, model = root / "run", root / "model.pt"
-    proc = run_cli("run", "--out", str(run_dir), *TINY)
+    proc = cli("run", "--out", str(run_dir), *TINY)
     assert proc.returncode == 0, proc.stderr
-    proc = run_cli("export", str(run_dir), "--out", str(model))
+    proc = cli("export", str(run_dir), "--out", str(model))
     assert proc.returncode == 0, proc.stderr
     return run_dir, model
 
@@ -145,14 +142,14 @@ def write_png(path, side=8, colour=False):
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda f: f.__name__)
-def test_hostile_export_is_refused_before_anything_runs(exported, tmp_path, variant):
+def test_hostile_export_is_refused_before_anything_runs(cli, exported, tmp_path, variant):
     _, model = exported
     marker = tmp_path / "marker"
     replace, named = variant(model, marker)
     bad = tmp_path / "received.pt"
     rewrite(model, bad, replace)
     image = write_png(tmp_path / "x.png")
-    assert_user_error(run_cli("predict", str(bad), str(image)), str(bad), f"entry {named}", "refusing")
+    assert_user_error(cli("predict", str(bad), str(image)), str(bad), f"entry {named}", "refusing")
     assert not marker.exists()
     from dynammo.deploy import load_exported
     from dynammo.errors import UserError
@@ -164,7 +161,7 @@ def test_hostile_export_is_refused_before_anything_runs(exported, tmp_path, vari
 
 @pytest.mark.parametrize("variant", [hostile_sample_inputs, hostile_pickled_weight, hostile_guards,
                                      hostile_expression], ids=lambda f: f.__name__)
-def test_a_bare_torch_export_load_would_run_the_payload(exported, tmp_path, variant):
+def test_a_bare_torch_export_load_would_run_the_payload(cli, exported, tmp_path, variant):
     """Why load_exported exists: torch's own loader runs these files' code (the README says so)."""
     _, model = exported
     marker = tmp_path / "marker"
@@ -173,30 +170,30 @@ def test_a_bare_torch_export_load_would_run_the_payload(exported, tmp_path, vari
     rewrite(model, bad, replace)
     code = ("import io, torch\ntry:\n    m = torch.export.load(io.BytesIO(open(%r, 'rb').read())).module()\n"
             "    m(torch.zeros((2, 1, 8, 8), dtype=torch.uint8))\nexcept Exception:\n    pass\n" % str(bad))
-    subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300, cwd=ROOT)
+    cli.python("-c", code, timeout=300)
     assert marker.exists()
 
 
-def test_genuine_export_still_predicts_and_an_unchanged_copy_too(exported, tmp_path):
+def test_genuine_export_still_predicts_and_an_unchanged_copy_too(cli, exported, tmp_path):
     _, model = exported
     copy = tmp_path / "copy.pt"
     rewrite(model, copy, {})  # re-zipped by Python's zipfile: same entries
     image = write_png(tmp_path / "x.png")
     for m in (model, copy):
-        proc = run_cli("predict", str(m), str(image), "--csv")
+        proc = cli("predict", str(m), str(image), "--csv")
         assert proc.returncode == 0, proc.stderr
         assert proc.stderr.strip() == ""  # an 8x8 grayscale image is what the model was trained on
         assert proc.stdout.splitlines()[1].startswith(f"{image},")
 
 
-def test_predict_says_once_when_images_differ_from_the_training_images(exported, tmp_path):
+def test_predict_says_once_when_images_differ_from_the_training_images(cli, exported, tmp_path):
     _, model = exported
     folder = tmp_path / "scans"
     folder.mkdir()
     for i in range(3):
         write_png(folder / f"scan{i}.png", side=64, colour=True)
     write_png(folder / "same.png")
-    proc = run_cli("predict", str(model), str(folder))
+    proc = cli("predict", str(model), str(folder))
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.strip().splitlines()) == 4  # still predicted
     notes = [l for l in proc.stderr.splitlines() if l.strip()]
@@ -206,10 +203,10 @@ def test_predict_says_once_when_images_differ_from_the_training_images(exported,
 
 
 @pytest.mark.parametrize("value", ["0", "-1"])
-def test_predict_batch_size_must_be_positive(exported, tmp_path, value):
+def test_predict_batch_size_must_be_positive(cli, exported, tmp_path, value):
     _, model = exported
     image = write_png(tmp_path / "x.png")
-    assert_user_error(run_cli("predict", str(model), str(image), "--batch-size", value), "--batch-size", value)
+    assert_user_error(cli("predict", str(model), str(image), "--batch-size", value), "--batch-size", value)
 
 
 def png_header_only(path, width, height):
@@ -223,43 +220,43 @@ def png_header_only(path, width, height):
     return path
 
 
-def test_image_over_the_pixel_limit_is_one_line_naming_the_limit_and_the_flag(exported, tmp_path):
+def test_image_over_the_pixel_limit_is_one_line_naming_the_limit_and_the_flag(cli, exported, tmp_path):
     _, model = exported
     bomb = png_header_only(tmp_path / "bomb.png", 100_000, 100_000)
-    assert_user_error(run_cli("predict", str(model), str(bomb)), "bomb.png", "100000x100000", "89,478,485",
+    assert_user_error(cli("predict", str(model), str(bomb)), "bomb.png", "100000x100000", "89,478,485",
                       "--max-image-pixels")
     small = write_png(tmp_path / "x.png")
-    assert_user_error(run_cli("predict", str(model), str(small), "--max-image-pixels", "10"), "x.png", "limit of 10",
+    assert_user_error(cli("predict", str(model), str(small), "--max-image-pixels", "10"), "x.png", "limit of 10",
                       "--max-image-pixels")
-    assert_user_error(run_cli("predict", str(model), str(small), "--max-image-pixels", "0"), "--max-image-pixels")
+    assert_user_error(cli("predict", str(model), str(small), "--max-image-pixels", "0"), "--max-image-pixels")
 
 
-def test_a_large_legitimate_image_is_predicted(exported, tmp_path):
+def test_a_large_legitimate_image_is_predicted(cli, exported, tmp_path):
     _, model = exported
     big = tmp_path / "scan.png"
     Image.new("L", (10_000, 6_000), 40).save(big)  # 60 M pixels: under PIL's limit
-    proc = run_cli("predict", str(model), str(big))
+    proc = cli("predict", str(model), str(big))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(str(big))
     assert "far from the model's 8x8 input size" in proc.stderr  # the one note, not an error
 
 
-def test_export_does_not_overwrite_what_it_did_not_write(exported, tmp_path):
+def test_export_does_not_overwrite_what_it_did_not_write(cli, exported, tmp_path):
     run_dir, model = exported
     results = run_dir / "results.json"
     before = results.read_bytes()
-    assert_user_error(run_cli("export", str(run_dir), "--out", str(results)), "results.json", "--force")
+    assert_user_error(cli("export", str(run_dir), "--out", str(results)), "results.json", "--force")
     assert results.read_bytes() == before
-    assert_user_error(run_cli("export", str(run_dir), "--out", str(tmp_path)), "is a directory")
+    assert_user_error(cli("export", str(run_dir), "--out", str(tmp_path)), "is a directory")
     notes = tmp_path / "notes.pt"
     notes.write_text("my notes\n")
-    assert_user_error(run_cli("export", str(run_dir), "--out", str(notes)), "notes.pt", "--force")
+    assert_user_error(cli("export", str(run_dir), "--out", str(notes)), "notes.pt", "--force")
     assert notes.read_text() == "my notes\n"
-    proc = run_cli("export", str(run_dir), "--out", str(notes), "--force")
+    proc = cli("export", str(run_dir), "--out", str(notes), "--force")
     assert proc.returncode == 0, proc.stderr
     earlier = tmp_path / "earlier.pt"
     shutil.copy(model, earlier)
-    proc = run_cli("export", str(run_dir), "--out", str(earlier), "--task", "1")  # an earlier export: replaced
+    proc = cli("export", str(run_dir), "--out", str(earlier), "--task", "1")  # an earlier export: replaced
     assert proc.returncode == 0, proc.stderr
     from dynammo.deploy import load_exported
 
@@ -267,11 +264,11 @@ def test_export_does_not_overwrite_what_it_did_not_write(exported, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # written atomically, nothing left
 
 
-def test_pretrained_file_with_pickled_code_is_refused(tmp_path):
+def test_pretrained_file_with_pickled_code_is_refused(cli, tmp_path):
     marker = tmp_path / "marker"
     evil = tmp_path / "weights.pt"
     torch.save({"conv1.weight": Payload(touch(marker))}, evil)
-    assert_user_error(run_cli("run", "--out", str(tmp_path / "run"), *TINY, f"pretrained={evil}"), "weights.pt",
+    assert_user_error(cli("run", "--out", str(tmp_path / "run"), *TINY, f"pretrained={evil}"), "weights.pt",
                       "cannot be loaded")
     assert not marker.exists() and not (tmp_path / "run").exists()
     from dynammo.errors import UserError
@@ -282,7 +279,7 @@ def test_pretrained_file_with_pickled_code_is_refused(tmp_path):
     assert not marker.exists()
 
 
-def test_export_of_a_checkpoint_with_pickled_code_is_refused(exported, tmp_path):
+def test_export_of_a_checkpoint_with_pickled_code_is_refused(cli, exported, tmp_path):
     run_dir, _ = exported
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
@@ -294,5 +291,5 @@ def test_export_of_a_checkpoint_with_pickled_code_is_refused(exported, tmp_path)
     state["payload"] = Payload(touch(marker))
     torch.save(state, path)
     for args in (("export", str(run), "--out", str(tmp_path / "m.pt")), ("eval", str(run)), ("resume", str(run))):
-        assert_user_error(run_cli(*args), "task_2.pt")
+        assert_user_error(cli(*args), "task_2.pt")
     assert not marker.exists() and not (tmp_path / "m.pt").exists()

@@ -21,28 +21,22 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from dynammo import cli
-from dynammo.config import MAX_VALUE_ITEMS, build_config, load_config, read_yaml
+from dynammo.config_yaml import MAX_VALUE_ITEMS, read_yaml
+from dynammo.configure import build_config, load_config
 from dynammo.data import load_data
 from dynammo.errors import UserError
-from test_cli_e2e import assert_user_error, run_cli
+from method_helpers import DIGITS_8PX, cli_args
+from test_cli_e2e import assert_user_error
 
 # bounded and reproducible: derandomized, no deadline (the first load of a module is slow), no shrinking
 # (a failure is reported as drawn: shrinking a bomb document can take minutes)
 BOUNDED = dict(derandomize=True, deadline=None, database=None, phases=(Phase.explicit, Phase.generate),
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                       HealthCheck.filter_too_much])
-TINY = ["dataset=digits", "backbone=resnet20", "img_size=8", "epochs=1", "max_train_per_class=10",
-        "max_test_per_class=5", "progress=false", "tensorboard=false", "plots=false", "method=finetune",
-        "init_cls=5", "increment=5"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# dataset first: the folder/csv tests drop it (TINY[1:])
+TINY = cli_args(DIGITS_8PX, epochs=1, max_train_per_class=10, max_test_per_class=5, progress="false", tensorboard="false",
+                plots="false", method="finetune", init_cls=5, increment=5)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def png(path: Path, size=(8, 8), seed=0) -> None:
@@ -109,18 +103,18 @@ def test_any_yaml_document_is_a_config_or_one_user_error(tmp_path_factory, docum
     assert time.perf_counter() - t0 < 20
 
 
-def test_the_alias_bomb_of_the_issue_is_refused_quickly_in_one_line(tmp_path):
+def test_the_alias_bomb_of_the_issue_is_refused_quickly_in_one_line(cli, tmp_path):
     """A ~400-byte YAML standing for 9^9 items (a minute and 3.5 GB before): one line, at once, in a
     file and as key=value."""
     path = tmp_path / "bomb.yaml"
     path.write_text(alias_bomb(9, 9))
     assert path.stat().st_size < 500
     t0 = time.perf_counter()
-    proc = run_cli("run", "-c", str(path), "--out", str(tmp_path / "never"))
+    proc = cli("run", "-c", str(path), "--out", str(tmp_path / "never"))
     assert_user_error(proc, f"of config file {path}", f"more than {MAX_VALUE_ITEMS} items", "YAML alias")
     inline = "[" + ", ".join(["&a [1,1,1,1,1,1,1,1,1]"] + [f"&{c} [{', '.join([f'*{p}'] * 9)}]"
                                                           for p, c in zip("abcde", "bcdef")]) + ", *f]"
-    proc = run_cli("run", f"seed={inline}", "--out", str(tmp_path / "never"))
+    proc = cli("run", f"seed={inline}", "--out", str(tmp_path / "never"))
     assert_user_error(proc, "'seed' of the command line", "YAML alias")
     assert time.perf_counter() - t0 < 60 and not (tmp_path / "never").exists()
 
@@ -135,8 +129,8 @@ def test_utf16_config_is_read_and_other_encodings_are_one_line(tmp_path):
         read_yaml(path)
 
 
-def test_integer_keys_have_a_sane_bound(tmp_path):
-    proc = run_cli("run", "--out", str(tmp_path / "never"), *TINY, "epochs=100000000000000000000000000000")
+def test_integer_keys_have_a_sane_bound(cli, tmp_path):
+    proc = cli("run", "--out", str(tmp_path / "never"), *TINY, "epochs=100000000000000000000000000000")
     assert_user_error(proc, "'epochs' must be >= 1 and <= 100000", "100000000000000000000000000000")
     with pytest.raises(UserError, match="'memory_size' must be >= 0 and <= 2147483647"):
         build_config({"memory_size": 2**40})
@@ -146,9 +140,9 @@ def test_integer_keys_have_a_sane_bound(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
+def finished_run(cli, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "finetune"
-    proc = run_cli("run", "--out", str(out), *TINY)
+    proc = cli("run", "--out", str(out), *TINY)
     assert proc.returncode == 0, proc.stderr
     return out
 
@@ -217,14 +211,14 @@ def test_any_json_value_in_a_results_field_is_reported_or_skipped_in_one_line(fi
     (lambda r: {**r, "acc_matrix": [["x"] * len(row) for row in r["acc_matrix"]]}, "field 'acc_matrix'"),
     (None, "nested too deeply"),
 ], ids=["nan-infinity", "string-for-number", "string-in-matrix", "nested-deep"])
-def test_report_on_a_malformed_results_json_is_one_line_per_problem(finished_run, tmp_path, edit, needle):
+def test_report_on_a_malformed_results_json_is_one_line_per_problem(cli, finished_run, tmp_path, edit, needle):
     run = tmp_path / "run"
     run.mkdir()
     if edit is None:
         (run / "results.json").write_text('{"method": "x", "acc_matrix": ' + "[" * 50000 + "]" * 50000 + "}")
     else:
         (run / "results.json").write_text(json.dumps(edit(json.loads((finished_run / "results.json").read_text()))))
-    proc = run_cli("report", str(run), "--out", str(tmp_path / "report"))
+    proc = cli("report", str(run), "--out", str(tmp_path / "report"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith(f"skipped {run / 'results.json'}: ") and needle in lines[0]
@@ -232,7 +226,7 @@ def test_report_on_a_malformed_results_json_is_one_line_per_problem(finished_run
     assert not (tmp_path / "report").exists()
 
 
-def test_resume_on_a_truncated_results_json_is_one_line(finished_run, tmp_path):
+def test_resume_on_a_truncated_results_json_is_one_line(cli, finished_run, tmp_path):
     import shutil
 
     run = tmp_path / "run"
@@ -240,7 +234,7 @@ def test_resume_on_a_truncated_results_json_is_one_line(finished_run, tmp_path):
     text = (run / "results.json").read_text()
     (run / "results.json").write_text(text[: len(text) // 2])
     before = sorted(p.relative_to(run) for p in run.rglob("*"))
-    proc = run_cli("resume", str(run))
+    proc = cli("resume", str(run))
     assert_user_error(proc, "results.json", "is damaged (not valid JSON", "delete it")
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
 
@@ -281,14 +275,14 @@ def test_any_bytes_as_an_image_decode_or_are_one_line(tmp_path_factory, kind, se
         assert img.shape == (3, 8, 8) and kind in ("random", "truncated")
 
 
-def test_an_image_past_the_pixel_limit_names_the_key_and_the_key_lets_it_through(tmp_path):
+def test_an_image_past_the_pixel_limit_names_the_key_and_the_key_lets_it_through(cli, tmp_path):
     for c in ("a", "b"):
         (tmp_path / c).mkdir()
         for i in range(2):
             png(tmp_path / c / f"{i}.png", seed=i)
     png(tmp_path / "a" / "scan.png", size=(60, 50))
-    proc = run_cli("run", "--out", str(tmp_path / "never"), *TINY[1:], "dataset=folder", f"data_root={tmp_path}",
-                   "init_cls=1", "increment=1", "max_image_pixels=2000")
+    proc = cli("run", "--out", str(tmp_path / "never"), *TINY[1:], "dataset=folder", f"data_root={tmp_path}",
+               "init_cls=1", "increment=1", "max_image_pixels=2000")
     assert_user_error(proc, "scan.png has 3000 pixels", "max_image_pixels=2000", "max_image_pixels=3000")
     assert not (tmp_path / "never").exists()
     data = load_data(folder_cfg(tmp_path, max_image_pixels=3000), 1)
@@ -345,31 +339,31 @@ def test_any_tree_of_class_folders_loads_or_is_one_line(tmp_path_factory, classe
     assert all(train > 0 and test > 0 for _, train, test in counts), counts
 
 
-def test_a_class_of_one_image_is_refused_before_training_naming_it(tmp_path):
+def test_a_class_of_one_image_is_refused_before_training_naming_it(cli, tmp_path):
     for c, n in (("a", 3), ("b", 3), ("lonely", 1)):
         (tmp_path / c).mkdir()
         for i in range(n):
             png(tmp_path / c / f"{i}.png", seed=i)
-    proc = run_cli("run", "--out", str(tmp_path / "never"), *TINY[1:], "dataset=folder", f"data_root={tmp_path}",
-                   "init_cls=1", "increment=1")
+    proc = cli("run", "--out", str(tmp_path / "never"), *TINY[1:], "dataset=folder", f"data_root={tmp_path}",
+               "init_cls=1", "increment=1")
     assert_user_error(proc, "class 'lonely'", "no test image", "add images to it")
     assert not (tmp_path / "never").exists()
 
 
-def test_a_symlink_loop_and_a_non_utf8_csv_are_one_line(tmp_path):
+def test_a_symlink_loop_and_a_non_utf8_csv_are_one_line(cli, tmp_path):
     for c in ("a", "b"):
         (tmp_path / c).mkdir()
         for i in range(3):
             png(tmp_path / c / f"{i}.png", seed=i)
     os.symlink("loop.png", tmp_path / "b" / "loop.png")
-    proc = run_cli("run", "--out", str(tmp_path / "never"), *TINY[1:], "dataset=folder", f"data_root={tmp_path}",
-                   "init_cls=1", "increment=1")
+    proc = cli("run", "--out", str(tmp_path / "never"), *TINY[1:], "dataset=folder", f"data_root={tmp_path}",
+               "init_cls=1", "increment=1")
     assert_user_error(proc, "loop.png cannot be read", "symbolic link loop")
     (tmp_path / "b" / "loop.png").unlink()
     rows = "path,label\n" + "".join(f"{c}/{i}.png,{c}\n" for c in "ab" for i in range(3)) + "a/0.png,caf\xe9\n"
     (tmp_path / "labels.csv").write_bytes(rows.encode("latin-1"))
-    proc = run_cli("run", "--out", str(tmp_path / "never"), *TINY[1:], "dataset=csv", f"data_root={tmp_path}",
-                   "init_cls=1", "increment=1")
+    proc = cli("run", "--out", str(tmp_path / "never"), *TINY[1:], "dataset=csv", f"data_root={tmp_path}",
+               "init_cls=1", "increment=1")
     assert_user_error(proc, "labels.csv is not UTF-8 text (line 8", "save it as UTF-8")
     assert not (tmp_path / "never").exists()
 
@@ -410,9 +404,9 @@ def test_any_mednist_archive_loads_or_is_one_line(tmp_path_factory, names):
 
 
 @pytest.mark.parametrize("sources", [["mednist_cpu", "dynammo"], ["cifar100_acl", "dynammo"]])
-def test_cost_of_a_shipped_protocol_needs_no_data_and_takes_a_seed_list(tmp_path, sources):
+def test_cost_of_a_shipped_protocol_needs_no_data_and_takes_a_seed_list(cli, tmp_path, sources):
     """mednist_cpu lists three seeds (a TypeError before); cifar100_acl's data and weights are not here."""
-    proc = run_cli("cost", *[a for s in sources for a in ("-c", s)], "--json", "data_root=" + str(tmp_path), cwd=tmp_path)
+    proc = cli("cost", *[a for s in sources for a in ("-c", s)], "--json", "data_root=" + str(tmp_path), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)
     assert [r["classes"] for r in rows] == {"mednist_cpu": [2, 4, 6], "cifar100_acl": list(range(10, 101, 10))}[sources[0]]
@@ -438,6 +432,6 @@ def test_cost_from_the_registered_shape_equals_cost_from_the_data():
     assert rows(cost_parts(cfg, console)) == rows(prepare(cfg, console))
 
 
-def test_cost_of_an_unknown_shape_says_what_it_needs(tmp_path):
-    proc = run_cli("cost", "dataset=folder", f"data_root={tmp_path / 'nothing'}", "method=replay", "img_size=8")
+def test_cost_of_an_unknown_shape_says_what_it_needs(cli, tmp_path):
+    proc = cli("cost", "dataset=folder", f"data_root={tmp_path / 'nothing'}", "method=replay", "img_size=8")
     assert_user_error(proc, "dynammo cost needs the images of dataset folder", "does not exist")

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -339,7 +337,7 @@ def test_wa_teacher_is_the_aligned_network_of_the_previous_task():
 
 
 def test_wa_deviations_name_the_preset_and_each_override():
-    from dynammo.config import build_config
+    from dynammo.configure import build_config
 
     wa = METHODS.get("wa")
     cfg = lambda **kw: build_config({"method": "wa", "dataset": "digits", **kw})  # noqa: E731
@@ -433,12 +431,6 @@ def test_bic_stage2_trains_only_the_new_bias_layer_and_leaves_old_logits_bit_ide
 # ---------------------------------------------------------------- end to end
 
 
-def run_cli(*args):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "dynammo", *args], capture_output=True, text=True, cwd=ROOT,
-                          env=env, timeout=600)
-
-
 @pytest.fixture(scope="module")
 def e2e_runs(tiny_run):
     """The shared tiny runs (conftest `tiny_run`), which tests/test_method_contract.py also checks
@@ -474,11 +466,11 @@ needs_mednist = pytest.mark.skipif(not (SHARED / "mednist.tar.gz").is_file(),
 @needs_mednist
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["icarl", "wa", "bic"])
-def test_cpu_config_on_real_mednist(tmp_path, name):
+def test_cpu_config_on_real_mednist(cli, tmp_path, name):
     out = tmp_path / name
-    proc = run_cli("run", "-c", "mednist_cpu", "-c", name, "--out", str(out), "seed=1993",
-                   f"data_root={SHARED}", "epochs=1", "max_train_per_class=30", "max_test_per_class=30",
-                   "img_size=32", "memory_size=30", "progress=false", "plots=false", "tensorboard=false")
+    proc = cli("run", "-c", "mednist_cpu", "-c", name, "--out", str(out), "seed=1993",
+               f"data_root={SHARED}", "epochs=1", "max_train_per_class=30", "max_test_per_class=30",
+               "img_size=32", "memory_size=30", "progress=false", "plots=false", "tensorboard=false")
     assert proc.returncode == 0, proc.stderr
     r = json.loads((out / "results.json").read_text())
     assert r["status"] == "complete" and r["dataset"] == "mednist" and len(r["acc"]) == 3

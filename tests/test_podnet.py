@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dynammo.config import build_config
+from dynammo.configure import build_config
 from dynammo.methods import METHODS
 from dynammo.methods.podnet import nca_loss, pod_factor, pod_flat_loss, pod_pool, pod_spatial_loss
 from dynammo.models.cosine import CosineClassifier, aggregate_proxies, imprinted_weights
@@ -19,9 +19,7 @@ import method_helpers
 from method_helpers import run_task, snapshot
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-TINY = dict(dataset="digits", backbone="resnet20", img_size=8, init_cls=4, increment=3, epochs=1, batch_size=16,
-            max_train_per_class=12, memory_size=30, seed=0, progress="false", augment=False, proxies=3,
-            epochs_finetune=1)
+TINY = dict(method_helpers.TINY, proxies=3, epochs_finetune=1)
 
 
 def make_method(**kw):

@@ -9,8 +9,6 @@ import csv
 import json
 import math
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -24,25 +22,12 @@ from dynammo.pretrain.augment import TwoViews, crop_boxes, crop_flip_resize, hsv
 from dynammo.pretrain.knn import feature_spread, feature_std, knn_accuracy, knn_predict
 from dynammo.pretrain.losses import KeyQueue, info_nce, momentum_update_, negative_cosine, simsiam_loss
 from dynammo.pretrain.models import MoCoV2
-from test_cli_e2e import ROOT, assert_user_error, wait_for
+import method_helpers
+from method_helpers import DIGITS_8PX, cli_args
+from test_cli_e2e import assert_user_error, wait_for
 
-QUIET = ["progress=false", "plots=false", "tensorboard=false"]
-TINY = ["dataset=digits", "backbone=resnet20", "img_size=8", "batch_size=16", "ssl_max_images=96",
-        "knn_bank_per_class=10", "knn_test_per_class=5", *QUIET]
-
-
-
-
-def cli_env():
-    import os
-
-    # one thread per subprocess: tiny networks gain nothing from two, and two stall when the cores are shared
-    return dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-
-
-def run_cli(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "dynammo", *args], capture_output=True, text=True, cwd=ROOT,
-                          env=cli_env(), timeout=timeout)
+QUIET = cli_args(method_helpers.QUIET)
+TINY = cli_args(DIGITS_8PX, batch_size=16, ssl_max_images=96, knn_bank_per_class=10, knn_test_per_class=5, **method_helpers.QUIET)
 
 
 # ---------------------------------------------------------------- losses on hand-made inputs
@@ -256,10 +241,10 @@ def test_held_out_seeds_and_classes_are_kept_out(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def simsiam_run(tmp_path_factory):
+def simsiam_run(cli, tmp_path_factory):
     out = tmp_path_factory.mktemp("pretrain") / "simsiam"
-    proc = run_cli("pretrain", "--out", str(out), *TINY, "img_size=16", "epochs=2", "simsiam_proj_dim=64",
-                   "simsiam_pred_dim=16", "tensorboard=true", "plots=true", "knn_every=2")
+    proc = cli("pretrain", "--out", str(out), *TINY, "img_size=16", "epochs=2", "simsiam_proj_dim=64",
+               "simsiam_pred_dim=16", "tensorboard=true", "plots=true", "knn_every=2")
     assert proc.returncode == 0, proc.stderr
     return out
 
@@ -289,7 +274,7 @@ def test_continual_commands_point_a_pretraining_directory_to_pretrain_resume(sim
 
 def test_backbone_loads_with_pretrained_path_and_gives_the_pretraining_features(simsiam_run):
     from dynammo.assembly import build_run
-    from dynammo.config import load_config
+    from dynammo.configure import load_config
     from dynammo.models.backbones import build_backbone
     from dynammo.pretrain.run import Pretraining, read_config
 
@@ -316,11 +301,11 @@ def test_backbone_loads_with_pretrained_path_and_gives_the_pretraining_features(
     assert acc == summary["final_knn_acc"]
 
 
-def test_dynammo_run_trains_on_the_pretrained_backbone(simsiam_run, tmp_path):
+def test_dynammo_run_trains_on_the_pretrained_backbone(cli, simsiam_run, tmp_path):
     out = tmp_path / "acl"
-    proc = run_cli("run", "--out", str(out), "method=acl", "dataset=digits", "backbone=resnet20", "img_size=16",
-                   f"pretrained={simsiam_run / 'backbone.pt'}", "init_cls=10", "epochs=1",
-                   "epochs_finetune=1", "max_train_per_class=8", "max_test_per_class=4", "memory_size=20", *QUIET)
+    proc = cli("run", "--out", str(out), "method=acl", "dataset=digits", "backbone=resnet20", "img_size=16",
+               f"pretrained={simsiam_run / 'backbone.pt'}", "init_cls=10", "epochs=1",
+               "epochs_finetune=1", "max_train_per_class=8", "max_test_per_class=4", "memory_size=20", *QUIET)
     assert proc.returncode == 0, proc.stderr
     results = json.loads((out / "results.json").read_text())
     assert results["status"] == "complete" and "trained on task 1" not in " ".join(results["deviations"])
@@ -347,9 +332,8 @@ def test_vit_backbone_pretrains_and_loads(tmp_path):
 RESUME = [*TINY, "ssl_method=moco_v2", "moco_momentum=0.99", "moco_queue=32", "epochs=4"]
 
 
-def start_pretrain(out, *extra):
-    return subprocess.Popen([sys.executable, "-m", "dynammo", "pretrain", "--out", str(out), *RESUME, *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=cli_env())
+def start_pretrain(cli, out, *extra):
+    return cli.popen("-m", "dynammo", "pretrain", "--out", out, *RESUME, *extra)
 
 
 def outcome(out):
@@ -370,17 +354,17 @@ def assert_same(a, b):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted(cli, tmp_path_factory):
     out = tmp_path_factory.mktemp("resume") / "reference"
-    proc = start_pretrain(out)
+    proc = start_pretrain(cli, out)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
     return outcome(out)
 
 
-def test_sigint_mid_epoch_then_resume_equals_uninterrupted(uninterrupted, tmp_path):
+def test_sigint_mid_epoch_then_resume_equals_uninterrupted(cli, uninterrupted, tmp_path):
     out = tmp_path / "interrupted"
-    proc = start_pretrain(out)
+    proc = start_pretrain(cli, out)
     wait_for(out / "log.txt", "pretrain epoch 1/4:", proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
@@ -389,29 +373,29 @@ def test_sigint_mid_epoch_then_resume_equals_uninterrupted(uninterrupted, tmp_pa
     assert lines[-1].startswith("stopped: SIGINT in pretrain moco_v2") and f"dynammo pretrain --resume {out}" in lines[-1]
     assert json.loads((out / "pretrain.json").read_text())["status"] == "interrupted"
     assert (out / "checkpoints" / "partial.pt").is_file() and not (out / "backbone.pt").exists()
-    proc = run_cli("pretrain", "--resume", str(out))
+    proc = cli("pretrain", "--resume", str(out))
     assert proc.returncode == 0, proc.stderr
     assert_same(outcome(out), uninterrupted)
     assert "resuming" in (out / "log.txt").read_text()
-    assert_user_error(run_cli("pretrain", "--resume", str(out)), "is complete; nothing to resume")
+    assert_user_error(cli("pretrain", "--resume", str(out)), "is complete; nothing to resume")
 
 
-def test_sigkill_after_an_epoch_checkpoint_then_resume_equals_uninterrupted(uninterrupted, tmp_path):
+def test_sigkill_after_an_epoch_checkpoint_then_resume_equals_uninterrupted(cli, uninterrupted, tmp_path):
     out = tmp_path / "killed"
-    proc = start_pretrain(out, "checkpoint_every=2")
+    proc = start_pretrain(cli, out, "checkpoint_every=2")
     wait_for(out / "checkpoints" / "partial.pt", None, proc)  # written after epoch 2 (or, if late, after the fit)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert json.loads((out / "pretrain.json").read_text())["status"] == "running"
-    proc = run_cli("pretrain", "--resume", str(out))
+    proc = cli("pretrain", "--resume", str(out))
     assert proc.returncode == 0, proc.stderr
     assert_same(outcome(out), uninterrupted)
 
 
-def test_collapse_stops_the_run_with_one_line_and_keeps_what_was_written(tmp_path):
+def test_collapse_stops_the_run_with_one_line_and_keeps_what_was_written(cli, tmp_path):
     out = tmp_path / "collapse"
     # no features reach a spread of 1.0 x 1/sqrt(dim) (their std is at most that), so the check fires after epoch 1
-    proc = run_cli("pretrain", "--out", str(out), *TINY, "epochs=3", "ssl_collapse_std=1.0")
+    proc = cli("pretrain", "--out", str(out), *TINY, "epochs=3", "ssl_collapse_std=1.0")
     assert_user_error(proc, "collapsed after epoch 1", "ssl_collapse_std=1.0")
     summary = json.loads((out / "pretrain.json").read_text())
     assert summary["status"] == "failed" and "collapsed" in summary["stopped_because"]
@@ -419,7 +403,7 @@ def test_collapse_stops_the_run_with_one_line_and_keeps_what_was_written(tmp_pat
     assert (out / "log.txt").is_file() and not (out / "backbone.pt").exists()
 
 
-def test_folder_of_unlabeled_images_at_any_depth(tmp_path):
+def test_folder_of_unlabeled_images_at_any_depth(cli, tmp_path):
     rng = np.random.default_rng(0)
     root = tmp_path / "scans"
     for i in range(40):
@@ -429,8 +413,8 @@ def test_folder_of_unlabeled_images_at_any_depth(tmp_path):
     (root / ".hidden").mkdir()
     (root / ".hidden" / "x.png").write_bytes(b"not an image, and skipped")
     out = tmp_path / "run"
-    proc = run_cli("pretrain", "--out", str(out), f"ssl_folder={root}", "backbone=resnet20", "img_size=8",
-                   "batch_size=16", "epochs=1", "ssl_augment=medical", "ssl_probe_images=16", *QUIET)
+    proc = cli("pretrain", "--out", str(out), f"ssl_folder={root}", "backbone=resnet20", "img_size=8",
+               "batch_size=16", "epochs=1", "ssl_augment=medical", "ssl_probe_images=16", *QUIET)
     assert proc.returncode == 0, proc.stderr
     images = [r["image"] for r in csv.DictReader((out / "images.csv").open())]
     assert len(images) == 40 and "patient0/b/c/0.png" in images and not any(".hidden" in i for i in images)
@@ -438,26 +422,26 @@ def test_folder_of_unlabeled_images_at_any_depth(tmp_path):
     assert summary["knn"] is None and summary["final_knn_acc"] is None and summary["images"]["count"] == 40
 
 
-def test_bad_folders_are_one_line_and_write_nothing(tmp_path):
+def test_bad_folders_are_one_line_and_write_nothing(cli, tmp_path):
     empty = tmp_path / "empty"
     (empty / "sub").mkdir(parents=True)
     out = tmp_path / "never"
-    assert_user_error(run_cli("pretrain", "--out", str(out), f"ssl_folder={empty}", "img_size=8"),
+    assert_user_error(cli("pretrain", "--out", str(out), f"ssl_folder={empty}", "img_size=8"),
                       "holds no images", str(empty))
     bad = tmp_path / "bad"
     for i in range(3):
         (bad / "x").mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(bad / "x" / f"{i}.png")
     (bad / "x" / "3.png").write_bytes(b"not a png at all")
-    assert_user_error(run_cli("pretrain", "--out", str(out), f"ssl_folder={bad}", "img_size=8"),
+    assert_user_error(cli("pretrain", "--out", str(out), f"ssl_folder={bad}", "img_size=8"),
                       "cannot be read", "3.png")
     assert not out.exists()
 
 
-def test_one_class_first_task_without_weights_is_refused_before_anything_is_written(tmp_path):
+def test_one_class_first_task_without_weights_is_refused_before_anything_is_written(cli, tmp_path):
     out = tmp_path / "never"
-    proc = run_cli("run", "--out", str(out), "method=acl", "dataset=digits", "backbone=resnet20", "img_size=8",
-                   "init_cls=1", "increment=1", "memory_size=20", "epochs=1", *QUIET)
+    proc = cli("run", "--out", str(out), "method=acl", "dataset=digits", "backbone=resnet20", "img_size=8",
+               "init_cls=1", "increment=1", "memory_size=20", "epochs=1", *QUIET)
     assert_user_error(proc, "a one-class first task cannot train a backbone", "dynammo pretrain",
                       "pretrained: PATH", "backbone_epochs=0")
     assert not out.exists()

@@ -18,25 +18,17 @@ import re
 import shutil
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from dynammo.cli import main
 from dynammo.reporting import build_sections, discover, make_report, write_report
 from dynammo.reporting.aggregate import COLUMNS, mark_best
 from dynammo.reporting.tables import cell_text, tex_escape
-from method_helpers import one_thread, tiny_run_args
+from method_helpers import tiny_run_args
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def run_cli(*args, cwd=None, timeout=300):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "dynammo", *args], capture_output=True, text=True,
-                          cwd=cwd or ROOT, env=env, timeout=timeout)
 
 
 def stderr_lines(proc):
@@ -44,14 +36,13 @@ def stderr_lines(proc):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(run_in_process, tmp_path_factory):
     """root/cmp/{finetune,replay}: seed lists [0, 1]; root/other/finetune: seed 0 with max_train_per_class=10."""
     root = tmp_path_factory.mktemp("report_runs")
-    with one_thread():
-        for out, name, kw in [(root / "cmp" / "finetune", "finetune", {"seed": "[0,1]"}),
-                              (root / "cmp" / "replay", "replay", {"seed": "[0,1]"}),
-                              (root / "other" / "finetune", "finetune", {"max_train_per_class": 10})]:
-            assert main(["run", "--out", str(out), *tiny_run_args(name, **kw)]) == 0
+    for out, name, kw in [(root / "cmp" / "finetune", "finetune", {"seed": "[0,1]"}),
+                          (root / "cmp" / "replay", "replay", {"seed": "[0,1]"}),
+                          (root / "other" / "finetune", "finetune", {"max_train_per_class": 10})]:
+        assert run_in_process("run", "--out", out, *tiny_run_args(name, **kw)) == 0
     return root
 
 
@@ -71,10 +62,10 @@ def copy_run(src: Path, dst: Path, edit=None) -> Path:
 
 
 @pytest.fixture(scope="module")
-def report(runs, tmp_path_factory):
+def report(cli, runs, tmp_path_factory):
     """The full report of both folders, as `dynammo report` writes it."""
     out = tmp_path_factory.mktemp("reports") / "report"
-    proc = run_cli("report", str(runs / "cmp"), str(runs / "other"), "--out", str(out))
+    proc = cli("report", str(runs / "cmp"), str(runs / "other"), "--out", str(out))
     assert proc.returncode == 0, proc.stderr + proc.stdout
     return out, proc
 
@@ -326,17 +317,17 @@ def test_confusion_is_summed_over_seeds_in_dataset_order(runs):
     assert conf.sum() == sum(np.array(r.results["confusion"]).sum() for r in found.runs)
 
 
-def test_formats_option_through_the_cli(runs, tmp_path):
+def test_formats_option_through_the_cli(cli, runs, tmp_path):
     out = tmp_path / "r"
-    proc = run_cli("report", str(runs / "cmp"), "--out", str(out), "--format", "md,csv")
+    proc = cli("report", str(runs / "cmp"), "--out", str(out), "--format", "md,csv")
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in out.iterdir()) == ["figures", "per_task.csv", "report.csv", "report.json", "report.md"]
     assert stderr_lines(proc) == []
     # run again: the earlier report is replaced as a whole
-    proc = run_cli("report", str(runs / "cmp" / "replay"), "--out", str(out), "--format", "html")
+    proc = cli("report", str(runs / "cmp" / "replay"), "--out", str(out), "--format", "html")
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in out.iterdir()) == ["figures", "report.html", "report.json"]
-    bad = run_cli("report", str(runs / "cmp"), "--out", str(tmp_path / "x"), "--format", "md,pdf")
+    bad = cli("report", str(runs / "cmp"), "--out", str(tmp_path / "x"), "--format", "md,pdf")
     assert bad.returncode == 2 and stderr_lines(bad) == [
         "error: --format 'md,pdf': choose one or more of md,csv,tex,html (comma-separated)"]
     assert not (tmp_path / "x").exists()
@@ -373,9 +364,9 @@ def test_html_is_self_contained(runs, report):
 # ---------------------------------------------------------------- errors
 
 
-def test_directory_without_runs_is_one_line_and_exit_2(tmp_path):
+def test_directory_without_runs_is_one_line_and_exit_2(cli, tmp_path):
     (tmp_path / "empty").mkdir()
-    proc = run_cli("report", str(tmp_path / "empty"), "--out", str(tmp_path / "rep"))
+    proc = cli("report", str(tmp_path / "empty"), "--out", str(tmp_path / "rep"))
     assert proc.returncode == 2
     assert stderr_lines(proc) == [f"skipped {tmp_path / 'empty'}: holds no run (no results.json in it or below it)",
                                   f"error: no finished run to report under {tmp_path / 'empty'}; 1 problem(s) listed above"]
@@ -383,7 +374,7 @@ def test_directory_without_runs_is_one_line_and_exit_2(tmp_path):
     assert not (tmp_path / "rep").exists() and list(tmp_path.iterdir()) == [tmp_path / "empty"]
 
 
-def test_broken_foreign_and_running_runs_are_listed_not_averaged(runs, tmp_path):
+def test_broken_foreign_and_running_runs_are_listed_not_averaged(cli, runs, tmp_path):
     src = runs / "cmp" / "replay" / "seed0"
     copy_run(src, tmp_path / "runs" / "ok")
     half = copy_run(src, tmp_path / "runs" / "half")
@@ -398,7 +389,7 @@ def test_broken_foreign_and_running_runs_are_listed_not_averaged(runs, tmp_path)
 
     copy_run(src, tmp_path / "runs" / "running", running)
     out = tmp_path / "rep"
-    proc = run_cli("report", str(tmp_path / "runs"), "--out", str(out))
+    proc = cli("report", str(tmp_path / "runs"), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     lines = stderr_lines(proc)
     r = tmp_path / "runs"
@@ -416,13 +407,13 @@ def test_broken_foreign_and_running_runs_are_listed_not_averaged(runs, tmp_path)
     assert "not valid JSON" in md and "not a dynammo results.json" in md
 
 
-def test_nothing_usable_exit_2_and_no_output(runs, tmp_path):
+def test_nothing_usable_exit_2_and_no_output(cli, runs, tmp_path):
     src = runs / "cmp" / "replay" / "seed0"
     copy_run(src, tmp_path / "runs" / "a", lambda r: r.update(status="interrupted", stopped_because="SIGTERM after task 2/3",
                                                                acc_matrix=r["acc_matrix"][:2]))
     (tmp_path / "runs" / "b").mkdir()
     (tmp_path / "runs" / "b" / "results.json").write_text('{"method": "replay", "acc_matr')
-    proc = run_cli("report", str(tmp_path / "runs"), "--out", str(tmp_path / "rep"))
+    proc = cli("report", str(tmp_path / "runs"), "--out", str(tmp_path / "rep"))
     assert proc.returncode == 2
     lines = stderr_lines(proc)
     assert len(lines) == 3 and "Traceback" not in proc.stderr
@@ -433,11 +424,11 @@ def test_nothing_usable_exit_2_and_no_output(runs, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
 
 
-def test_out_holding_something_else_is_refused(runs, tmp_path):
+def test_out_holding_something_else_is_refused(cli, runs, tmp_path):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    proc = run_cli("report", str(runs / "cmp" / "replay"), "--out", str(out))
+    proc = cli("report", str(runs / "cmp" / "replay"), "--out", str(out))
     assert proc.returncode == 2
     assert stderr_lines(proc) == [f"error: --out {out} exists and holds something other than a dynammo report; "
                                   "choose another --out or empty it"]
@@ -473,12 +464,10 @@ def test_paths_given_twice_or_nested_count_once(runs):
 # ---------------------------------------------------------------- compare_methods.py uses the library
 
 
-def test_compare_methods_prints_the_report_section(runs):
+def test_compare_methods_prints_the_report_section(cli, runs):
     """The benchmark script's table is dynammo.reporting's: on runs already made it only reads them."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare_methods.py"), "--protocol", "digits",
-                           "--methods", "finetune", "replay", "--seeds", "0", "1", "--out", str(runs / "cmp")],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    proc = cli.python(ROOT / "benchmarks" / "compare_methods.py", "--protocol", "digits", "--methods", "finetune",
+                      "replay", "--seeds", "0", "1", "--out", runs / "cmp", timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "$ " not in proc.stdout  # nothing was run again
     from dynammo.reporting import markdown_section

@@ -8,31 +8,27 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 import yaml
 
-from dynammo.config import load_config
+from dynammo.configure import load_config
 from dynammo.console import Console
 from dynammo.errors import UserError
 from dynammo.runner import run_single
 from dynammo.sealing import DIGEST_KEY, sealed
-from test_cli_e2e import ROOT, assert_user_error, run_cli, wait_for
+from method_helpers import DIGITS_8PX, QUIET, cli_args
+from test_cli_e2e import ROOT, assert_user_error, wait_for
 
 # DynaMMo: several stages per task (backbone, adapters, heads), so a kill lands inside a multi-stage task
-DYN = ["method=dynammo", "dataset=digits", "backbone=resnet20", "img_size=8", "max_train_per_class=30",
-       "memory_size=20", "epochs=2", "epochs_finetune=3", "backbone_epochs=1", "init_cls=4", "increment=3",
-       "batch_size=8", "progress=false", "plots=false", "tensorboard=false"]
+DYN = cli_args({"method": "dynammo"}, DIGITS_8PX, max_train_per_class=30, memory_size=20, epochs=2, epochs_finetune=3,
+               backbone_epochs=1, init_cls=4, increment=3, batch_size=8, **QUIET)
 
 
-def start(out, *extra):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "dynammo", "run", "--out", str(out), *DYN, *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+def start(cli, out, *extra):
+    return cli.popen("-m", "dynammo", "run", "--out", out, *DYN, *extra)
 
 
 def wait_for_log(out, needle, proc, timeout=300):
@@ -45,17 +41,17 @@ def accuracies(out):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted(cli, tmp_path_factory):
     out = tmp_path_factory.mktemp("resume") / "reference"
-    proc = start(out)
+    proc = start(cli, out)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
     return accuracies(out)
 
 
-def test_sigkill_mid_task_with_epoch_checkpoints_resumes_bit_for_bit(uninterrupted, tmp_path):
+def test_sigkill_mid_task_with_epoch_checkpoints_resumes_bit_for_bit(cli, uninterrupted, tmp_path):
     out = tmp_path / "killed"
-    proc = start(out, "checkpoint_every=1")
+    proc = start(cli, out, "checkpoint_every=1")
     wait_for_log(out, "task 3/3 adapters epoch 1/2", proc)
     t0 = time.time()
     while not (out / "checkpoints" / "partial.pt").is_file():  # epoch 1's checkpoint, written after its log line
@@ -66,7 +62,7 @@ def test_sigkill_mid_task_with_epoch_checkpoints_resumes_bit_for_bit(uninterrupt
     assert (out / "checkpoints" / "partial.pt").is_file() and (out / "checkpoints" / "task_1.pt").is_file()
     before = json.loads((out / "results.json").read_text())
     assert before["status"] == "running" and len(before["acc"]) == 2  # earlier results intact
-    proc = run_cli("resume", str(out))
+    proc = cli("resume", str(out))
     assert proc.returncode == 0, proc.stderr
     assert accuracies(out) == uninterrupted
     assert not (out / "checkpoints" / "partial.pt").exists()
@@ -74,21 +70,21 @@ def test_sigkill_mid_task_with_epoch_checkpoints_resumes_bit_for_bit(uninterrupt
     assert "resuming" in (out / "log.txt").read_text()
 
 
-def test_sigkill_without_partial_checkpoint_restarts_the_task(uninterrupted, tmp_path):
+def test_sigkill_without_partial_checkpoint_restarts_the_task(cli, uninterrupted, tmp_path):
     out = tmp_path / "killed"
-    proc = start(out)
+    proc = start(cli, out)
     wait_for_log(out, "task 2/3 adapters epoch 1/2", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "checkpoints" / "partial.pt").exists()
-    proc = run_cli("resume", str(out))
+    proc = cli("resume", str(out))
     assert proc.returncode == 0, proc.stderr
     assert accuracies(out) == uninterrupted
 
 
-def test_sigint_saves_mid_epoch_and_exits_cleanly(uninterrupted, tmp_path):
+def test_sigint_saves_mid_epoch_and_exits_cleanly(cli, uninterrupted, tmp_path):
     out = tmp_path / "interrupted"
-    proc = start(out)
+    proc = start(cli, out)
     wait_for_log(out, "task 2/3 heads epoch 1/3", proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
@@ -99,21 +95,21 @@ def test_sigint_saves_mid_epoch_and_exits_cleanly(uninterrupted, tmp_path):
     state = torch.load(out / "checkpoints" / "partial.pt", weights_only=True)
     assert state["task"] == 1 and state["journal"]["current"] is not None
     assert len(state["journal"]["finished"]) == 1  # the adapters stage finished, the heads stage was cut
-    proc = run_cli("resume", str(out))
+    proc = cli("resume", str(out))
     assert proc.returncode == 0, proc.stderr
     assert accuracies(out) == uninterrupted
-    assert_user_error(run_cli("resume", str(out)), "is complete; nothing to resume")
+    assert_user_error(cli("resume", str(out)), "is complete; nothing to resume")
 
 
-def test_sigterm_between_tasks_keeps_the_task_checkpoint(uninterrupted, tmp_path):
+def test_sigterm_between_tasks_keeps_the_task_checkpoint(cli, uninterrupted, tmp_path):
     out = tmp_path / "terminated"
-    proc = start(out)
+    proc = start(cli, out)
     wait_for_log(out, "task 1/3 done", proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err
     assert "stopped: SIGTERM" in err
-    proc = run_cli("resume", str(out))
+    proc = cli("resume", str(out))
     assert proc.returncode == 0, proc.stderr
     assert accuracies(out) == uninterrupted
 
@@ -122,34 +118,32 @@ def test_sigterm_between_tasks_keeps_the_task_checkpoint(uninterrupted, tmp_path
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
+def finished_run(cli, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "run"
-    proc = run_cli("run", "--out", str(out), "method=replay", "dataset=digits", "backbone=resnet20", "img_size=8",
-                   "max_train_per_class=20", "memory_size=20", "epochs=1", "init_cls=4", "increment=3",
-                   "progress=false", "plots=false", "tensorboard=false")
+    proc = cli("run", "--out", str(out), "method=replay", "dataset=digits", "backbone=resnet20", "img_size=8",
+               "max_train_per_class=20", "memory_size=20", "epochs=1", "init_cls=4", "increment=3",
+               "progress=false", "plots=false", "tensorboard=false")
     assert proc.returncode == 0, proc.stderr
     return out
 
 
-def test_eval_recomputes_the_recorded_metrics(finished_run):
+def test_eval_recomputes_the_recorded_metrics(cli, finished_run):
     r = json.loads((finished_run / "results.json").read_text())
     for task in (1, 2, 3):
-        proc = run_cli("eval", str(finished_run), "--task", str(task), "--json")
+        proc = cli("eval", str(finished_run), "--task", str(task), "--json")
         assert proc.returncode == 0, proc.stderr
         res = json.loads(proc.stdout)
         assert res["acc"] == r["acc"][task - 1] and res["mcr"] == r["mcr"][task - 1]
         assert res["acc_per_task"] == r["acc_matrix"][task - 1][:task]
         assert res["task_il_acc"] == r["task_il_acc"][task - 1]
-    proc = run_cli("eval", str(finished_run))
+    proc = cli("eval", str(finished_run))
     assert proc.returncode == 0 and "identical" in proc.stdout and "after task 3" in proc.stdout
 
 
-def test_main_py_checkpoint_dir_evaluates(finished_run):
+def test_main_py_checkpoint_dir_evaluates(cli, finished_run):
     r = json.loads((finished_run / "results.json").read_text())
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
     for target in (finished_run, finished_run / "checkpoints"):
-        proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "--checkpoint_dir", str(target), "--device", "-1"],
-                              capture_output=True, text=True, env=env, timeout=300)
+        proc = cli.python(ROOT / "main.py", "--checkpoint_dir", target, "--device", "-1", timeout=300)
         assert proc.returncode == 0, proc.stderr
         assert f"accuracy {r['acc'][-1]:.2f}" in proc.stdout and "identical" in proc.stdout
 
@@ -166,7 +160,7 @@ def copy_run(src, dst):
     ({"method": "finetune"}, "method"),
     ({"dataset": "digits-from-elsewhere"}, "dataset"),  # written into the checkpoints instead
 ])
-def test_checkpoint_of_another_run_is_refused(finished_run, tmp_path, change, needle):
+def test_checkpoint_of_another_run_is_refused(cli, finished_run, tmp_path, change, needle):
     run = copy_run(finished_run, tmp_path / "run")
     if "dataset" in change:
         for path in (run / "checkpoints").glob("task_*.pt"):
@@ -180,7 +174,7 @@ def test_checkpoint_of_another_run_is_refused(finished_run, tmp_path, change, ne
         (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     before = (run / "checkpoints" / "task_2.pt").read_bytes()
     for cmd in ("resume", "eval"):
-        assert_user_error(run_cli(cmd, str(run)), "belongs to another run", needle)
+        assert_user_error(cli(cmd, str(run)), "belongs to another run", needle)
     assert (run / "checkpoints" / "task_2.pt").read_bytes() == before  # nothing touched
 
 
@@ -189,28 +183,28 @@ class _Exploit:
         return (os.system, ("echo pwned > /dev/null",))
 
 
-def test_checkpoint_with_pickled_code_is_refused(finished_run, tmp_path):
+def test_checkpoint_with_pickled_code_is_refused(cli, finished_run, tmp_path):
     run = copy_run(finished_run, tmp_path / "run")
     state = torch.load(run / "checkpoints" / "task_2.pt", weights_only=True)
     state["payload"] = _Exploit()
     torch.save(state, run / "checkpoints" / "task_2.pt")
-    assert_user_error(run_cli("eval", str(run)), "task_2.pt", "damaged or not a dynammo checkpoint")
-    assert_user_error(run_cli("resume", str(run)), "task_2.pt", "damaged or not a dynammo checkpoint")
+    assert_user_error(cli("eval", str(run)), "task_2.pt", "damaged or not a dynammo checkpoint")
+    assert_user_error(cli("resume", str(run)), "task_2.pt", "damaged or not a dynammo checkpoint")
 
 
-def test_truncated_checkpoint_is_refused_by_resume_and_eval(finished_run, tmp_path):
+def test_truncated_checkpoint_is_refused_by_resume_and_eval(cli, finished_run, tmp_path):
     run = copy_run(finished_run, tmp_path / "run")
     path = run / "checkpoints" / "task_2.pt"
     path.write_bytes(path.read_bytes()[:1000])
-    assert_user_error(run_cli("resume", str(run)), "task_2.pt", "damaged")
-    assert_user_error(run_cli("eval", str(run), "--task", "3"), "task_2.pt", "damaged")
-    proc = run_cli("eval", str(run), "--task", "2")  # the earlier checkpoints still work
+    assert_user_error(cli("resume", str(run)), "task_2.pt", "damaged")
+    assert_user_error(cli("eval", str(run), "--task", "3"), "task_2.pt", "damaged")
+    proc = cli("eval", str(run), "--task", "2")  # the earlier checkpoints still work
     assert proc.returncode == 0, proc.stderr
 
 
-def test_resume_of_something_that_is_not_a_run(tmp_path):
-    assert_user_error(run_cli("resume", str(tmp_path)), "not a run directory")
-    assert_user_error(run_cli("eval", str(tmp_path)), "not a run directory")
+def test_resume_of_something_that_is_not_a_run(cli, tmp_path):
+    assert_user_error(cli("resume", str(tmp_path)), "not a run directory")
+    assert_user_error(cli("eval", str(tmp_path)), "not a run directory")
 
 
 # ---------------- failures keep what was finished ----------------
@@ -220,20 +214,20 @@ SMALL_REPLAY = ["method=replay", "dataset=digits", "backbone=resnet20", "img_siz
                 "tensorboard=false"]
 
 
-def test_nan_loss_names_task_and_epoch_and_keeps_the_last_checkpoint(tmp_path):
+def test_nan_loss_names_task_and_epoch_and_keeps_the_last_checkpoint(cli, tmp_path):
     out = tmp_path / "nan"
-    proc = run_cli("run", "--out", str(out), *SMALL_REPLAY, "init_lrate=0.05", "lrate=1e30")  # task 2 diverges
+    proc = cli("run", "--out", str(out), *SMALL_REPLAY, "init_lrate=0.05", "lrate=1e30")  # task 2 diverges
     assert_user_error(proc, "training diverged", "task 2/3", "epoch 1", "lower lrate")
     state = torch.load(out / "checkpoints" / "task_0.pt", weights_only=True)
     assert state["task"] == 0
     r = json.loads((out / "results.json").read_text())
     assert r["status"] == "failed" and "diverged" in r["stopped_because"] and len(r["acc"]) == 1
     assert not (out / "checkpoints" / "task_1.pt").exists()
-    proc = run_cli("eval", str(out))  # the last good model is still usable
+    proc = cli("eval", str(out))  # the last good model is still usable
     assert proc.returncode == 0 and "after task 1" in proc.stdout
 
 
-def test_disk_full_while_writing_a_checkpoint(tmp_path, monkeypatch, single_thread):
+def test_disk_full_while_writing_a_checkpoint(cli, tmp_path, monkeypatch, single_thread):
     """ENOSPC on the second checkpoint: one clear error, the first checkpoint and results intact,
     no half-written file left behind."""
     import errno
@@ -260,12 +254,12 @@ def test_disk_full_while_writing_a_checkpoint(tmp_path, monkeypatch, single_thre
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
     r = json.loads((out / "results.json").read_text())
     assert len(r["acc"]) == 1 and r["status"] == "failed"
-    proc = run_cli("resume", str(out))  # space is back: the run continues from task 1's checkpoint
+    proc = cli("resume", str(out))  # space is back: the run continues from task 1's checkpoint
     assert proc.returncode == 0, proc.stderr
     assert json.loads((out / "results.json").read_text())["status"] == "complete"
 
 
-def test_file_backed_memory_is_saved_and_loaded_safely(tmp_path):
+def test_file_backed_memory_is_saved_and_loaded_safely(cli, tmp_path):
     """Exemplars of a dataset read lazily from files are checkpointed as their sources (paths) and
     load with weights_only=True."""
     import numpy as np
@@ -278,12 +272,12 @@ def test_file_backed_memory_is_saved_and_loaded_safely(tmp_path):
         for i in range(8):
             Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(root / c / f"{i}.png")
     out = tmp_path / "run"
-    proc = run_cli("run", "--out", str(out), "method=replay", "dataset=folder", f"data_root={root}", "in_memory=false",
-                   "img_size=8", "backbone=resnet20", "init_cls=1", "increment=1", "memory_size=6", "epochs=1",
-                   "progress=false", "plots=false", "tensorboard=false")
+    proc = cli("run", "--out", str(out), "method=replay", "dataset=folder", f"data_root={root}", "in_memory=false",
+               "img_size=8", "backbone=resnet20", "init_cls=1", "increment=1", "memory_size=6", "epochs=1",
+               "progress=false", "plots=false", "tensorboard=false")
     assert proc.returncode == 0, proc.stderr
     state = torch.load(out / "checkpoints" / "task_1.pt", weights_only=True)
     sources = [s for v in state["state"]["memory"].values() for s in (v["sources"] or [])]
     assert sources and all(str(root) in str(s) for s in sources)
-    proc = run_cli("eval", str(out), "--task", "2")
+    proc = cli("eval", str(out), "--task", "2")
     assert proc.returncode == 0 and "identical" in proc.stdout, proc.stderr

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 
@@ -15,7 +14,7 @@ import pytest
 import yaml
 
 from dynammo.cli import main
-from dynammo.config import build_config
+from dynammo.configure import build_config
 from dynammo.tracking import flat_params, task_metrics, tensorboard_on
 from method_helpers import tiny_run_args
 
@@ -139,17 +138,13 @@ def test_an_unreachable_store_is_one_line_before_anything_is_written(tmp_path, c
     assert not out.exists()
 
 
-def test_a_resumed_run_continues_its_mlflow_run(tmp_path):
+def test_a_resumed_run_continues_its_mlflow_run(cli, tmp_path):
     """SIGTERM inside task 2 of a real run, then `dynammo resume`: one MLflow run, each task's
     metrics once, equal to results.json."""
-    from test_cli_e2e import ROOT, run_cli
-
     uri = (tmp_path / "store").as_uri()
     out = tmp_path / "run"
     args = tiny_run_args("finetune", tracking="mlflow", mlflow_uri=uri, epochs=12, max_train_per_class=30)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "dynammo", "run", "--out", str(out), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    proc = cli.popen("-m", "dynammo", "run", "--out", out, *args)
     t0 = time.time()
     while not ((out / "log.txt").exists() and "task 2/3 train epoch 1/" in (out / "log.txt").read_text()):
         assert proc.poll() is None, proc.communicate()
@@ -164,7 +159,7 @@ def test_a_resumed_run_continues_its_mlflow_run(tmp_path):
     run_id = r["tracking"]["run_id"]
     assert client.get_run(run_id).info.status == "KILLED"
     assert history(client, run_id, "acc") == [(1, r["acc"][0])]
-    proc = run_cli("resume", str(out))
+    proc = cli("resume", str(out))
     assert proc.returncode == 0, proc.stderr
     r = json.loads((out / "results.json").read_text())
     assert r["status"] == "complete" and r["tracking"]["run_id"] == run_id
