@@ -1,6 +1,6 @@
 """Run several methods under ONE protocol (same data, split, class order, backbone, memory, budget,
 seeds) and print the protocol's tables of `dynammo report`: a thin call of `dynammo sweep`
-(src/dynammo/sweep.py, docs/sweep.md), which this script now is, plus an optional accuracy plot.
+(src/dynammo/sweep/, docs/sweep.md), which this script now is, plus an optional accuracy plot.
 
     python benchmarks/compare_methods.py --protocol mednist_cpu \\
         --methods joint finetune replay icarl gem ucir bic podnet wa der_pp der acl dynammo \\

@@ -21,7 +21,8 @@ import pytest
 import yaml
 
 from dynammo.cli import main
-from dynammo.sweep import Sweep, job_env, plan_sweep, run_state, sweep_lock, threads_per_job
+from dynammo.sweep.local import Sweep, job_env, sweep_lock, threads_per_job
+from dynammo.sweep.plan import plan_sweep, run_state
 
 ROOT = Path(__file__).resolve().parents[1]
 # digits at 8 px on a CIFAR ResNet-20, 3 tasks; 3 epochs so that a SIGTERM sent after the first epoch
@@ -293,6 +294,24 @@ def test_state_of_a_run_directory(tmp_path):
         assert run_state(tmp_path / name) == ("complete" if status == "complete" else "resume")
     (tmp_path / "killed" / "checkpoints").mkdir(parents=True)  # SIGKILLed in its first task
     assert run_state(tmp_path / "killed") == "resume"
+
+
+def test_state_flag_prints_the_state_and_takes_no_other_option(tmp_path, capsys):
+    """`dynammo sweep --state RUN_DIR`, what each SLURM array task asks before it runs."""
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "results.json").write_text(json.dumps({"acc_matrix": [], "status": "complete"}))
+    (tmp_path / "killed" / "checkpoints").mkdir(parents=True)
+    for name, state in [("done", "complete"), ("killed", "resume"), ("absent", "fresh")]:
+        assert main(["sweep", f"--state={tmp_path / name}"]) == 0
+        assert capsys.readouterr().out == state + "\n"
+    for extra in (["--methods", "finetune"], ["--jobs", "2"], ["epochs=1"], ["--emit-slurm", str(tmp_path / "s")]):
+        assert main(["sweep", "--state", str(tmp_path / "done"), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: --state RUN_DIR takes no other option"), (extra, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["done", "killed"]
+    with pytest.raises(SystemExit) as exc:  # argparse: a sweep folder or one run's state, not both
+        main(["sweep", "--state", str(tmp_path / "done"), "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
 
 
 def test_a_second_sweep_on_the_same_folder_is_refused(grid, capsys):

@@ -133,7 +133,7 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    """Every (method, seed) of a grid as `dynammo run` subprocesses, K at a time; see dynammo/sweep.py."""
+    """Every (method, seed) of a grid as `dynammo run` subprocesses, K at a time; see dynammo/sweep/."""
     from dynammo.sweep import sweep_command
 
     return sweep_command(args)
@@ -266,7 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "CPU threads")
     sweep.add_argument("--devices", help="GPU ids, e.g. 0,1: the job slots take them round-robin "
                                          "(CUDA_VISIBLE_DEVICES); more jobs than GPUs share them")
-    sweep.add_argument("--out", required=True, help="the sweep folder: DIR/<method>/seed<S>/ per run, DIR/report/")
+    where = sweep.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", help="the sweep folder: DIR/<method>/seed<S>/ per run, DIR/report/")
+    where.add_argument("--state", metavar="RUN_DIR", help="only print complete, resume or fresh: whether a sweep "
+                                                          "skips, resumes or starts that run directory")
     sweep.add_argument("--emit-slurm", metavar="FILE", help="write a SLURM job-array script instead of running "
                                                             "(one array task per run, --jobs at a time)")
     sweep.add_argument("--slurm-option", action="append", default=[], metavar="OPTION",
