@@ -85,6 +85,15 @@ def single_thread():
         yield
 
 
+@pytest.fixture(scope="module")
+def single_thread_module():
+    """single_thread for a whole module (hypothesis refuses function-scoped fixtures under @given)."""
+    from method_helpers import one_thread
+
+    with one_thread():
+        yield
+
+
 @pytest.fixture
 def make_cfg():
     """make_cfg(key=value, ...) -> a validated Config on top of the framework defaults."""

@@ -395,7 +395,6 @@ def e2e_runs(tiny_run):
     return {name: tiny_run(name) for name in ("acl", "dynammo")}
 
 
-@pytest.mark.slow
 def test_end_to_end_results_json(e2e_runs):
     res = {n: json.loads((d / "results.json").read_text()) for n, d in e2e_runs.items()}
     for name, r in res.items():

@@ -104,7 +104,7 @@ def test_a_vit_takes_finetune_and_refuses_the_cnn_adapter(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_an_interruption_inside_the_adaptation_resumes_exactly(tiny_run, tmp_path, monkeypatch):
+def test_an_interruption_inside_the_adaptation_resumes_exactly(run_in_process, tiny_run, tmp_path, monkeypatch):
     """Stopped after the first batch of task 1's second stage (the adaptation; the first trains the
     backbone, as the run has no weights): the resumed run restores the finished backbone stage from
     the journal, re-copies it, continues the adaptation and ends as the uninterrupted run."""
@@ -122,10 +122,10 @@ def test_an_interruption_inside_the_adaptation_resumes_exactly(tiny_run, tmp_pat
         return real_fit(self, *a, **k)
 
     monkeypatch.setattr(Engine, "fit", stop_in_adaptation)
-    assert main(["run", "--out", str(out), *method_helpers.tiny_run_args("aper")]) == 130
+    assert run_in_process("run", "--out", str(out), *method_helpers.tiny_run_args("aper")) == 130
     monkeypatch.undo()
     assert seen == ["backbone", "adapt (adapter)"] and (out / "checkpoints" / "partial.pt").is_file()
-    assert main(["resume", str(out)]) == 0
+    assert run_in_process("resume", str(out)) == 0
     same_outcome(reference, out)
 
 

@@ -8,8 +8,6 @@ import os
 import pickle
 import shutil
 import struct
-import subprocess
-import sys
 import tarfile
 import urllib.request
 from pathlib import Path
@@ -18,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from dynammo.config import build_config
+from dynammo.configure import build_config
 from dynammo.data import load_data
 from dynammo.data.datasets import DATASETS
 from dynammo.data.datasets.cifar import CIFAR10, CIFAR100
@@ -276,16 +274,12 @@ def test_incomplete_or_corrupt_files(tmp_path, cifar10_files):
         raw_load("cifar10", tmp_path / "label", download=False)
 
 
-def test_cli_run_on_cifar10_fixture(tmp_path, cifar10_files):
+def test_cli_run_on_cifar10_fixture(cli, tmp_path, cifar10_files):
     write_tarball(tmp_path / "data", CIFAR10, cifar10_files[0])
     out = tmp_path / "run"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "dynammo", "run", "method=finetune", "dataset=cifar10",
-         f"data_root={tmp_path / 'data'}", "download=false", "backbone=resnet20", "epochs=1", "batch_size=16",
-         "init_cls=2", "increment=4", "shuffle=false", "save_checkpoints=false", "progress=false",
-         "--out", str(out)],
-        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    proc = cli("run", "method=finetune", "dataset=cifar10", f"data_root={tmp_path / 'data'}", "download=false",
+               "backbone=resnet20", "epochs=1", "batch_size=16", "init_cls=2", "increment=4", "shuffle=false",
+               "save_checkpoints=false", "progress=false", "--out", out, timeout=300)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     r = json.loads((out / "results.json").read_text())
     assert r["status"] == "complete" and r["dataset"] == "cifar10"

@@ -14,8 +14,7 @@ import torch.nn.functional as F
 
 import method_helpers
 from dynammo.batch import Batch
-from dynammo.cli import main
-from dynammo.config import build_config
+from dynammo.configure import build_config
 from dynammo.cost import count_flops
 from dynammo.errors import UserError
 from dynammo.methods import METHODS
@@ -466,9 +465,9 @@ def test_predict_costs_the_query_pass_plus_the_prefixed_pass():
 # ---------------------------------------------------------------- end to end
 
 
-def test_a_tiny_run_ends_with_an_accuracy_per_task(tmp_path):
+def test_a_tiny_run_ends_with_an_accuracy_per_task(run_in_process, tmp_path):
     out = tmp_path / "run"
-    assert main(["run", "--out", str(out), *method_helpers.tiny_run_args("coda_prompt", components=9)]) == 0
+    assert run_in_process("run", "--out", str(out), *method_helpers.tiny_run_args("coda_prompt", components=9)) == 0
     r = json.loads((out / "results.json").read_text())
     assert r["status"] == "complete" and len(r["acc"]) == len(r["tasks"]) == 3
     assert all(0.0 <= a <= 100.0 for a in r["acc"])

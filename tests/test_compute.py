@@ -12,13 +12,13 @@ import torch
 import dynammo.compute as compute
 from dynammo.cli import main
 from dynammo.compute import ComputePath, compute_path
-from dynammo.config import build_config
+from dynammo.configure import build_config
 from dynammo.data.transforms import BatchTransform
 from dynammo.engine import Engine
 from dynammo.errors import UserError
 from dynammo.models.backbones import build_backbone
 
-from method_helpers import one_thread, tiny_run_args
+from method_helpers import tiny_run_args
 
 CPU = torch.device("cpu")
 
@@ -203,15 +203,14 @@ def test_batch_transform_layout_and_device_statistics():
     assert nhwc.stats_on(CPU)[0] is mean and nhwc.stats_on(CPU)[1] is std  # copied to the device once
 
 
-def test_a_run_says_its_path_in_the_log_and_results(tmp_path, cpu_units):
+def test_a_run_says_its_path_in_the_log_and_results(run_in_process, tmp_path, cpu_units):
     """Both sides through the real `dynammo run`: the suite's fp32 path, and bf16 + channels-last
     as a CPU with bf16 units gets it (trains and evaluates under bf16 autocast to the end)."""
     for units, text in ((None, "fp32, contiguous (CPU has no bf16 units)"),
                         ("AMX-BF16", "bf16 autocast, channels_last (CPU has AMX-BF16)")):
         cpu_units(units)
         out = tmp_path / str(units)
-        with one_thread():
-            assert main(["run", "--out", str(out), *tiny_run_args("replay", save_checkpoints="false")]) == 0
+        assert run_in_process("run", "--out", str(out), *tiny_run_args("replay", save_checkpoints="false")) == 0
         results = json.loads((out / "results.json").read_text())
         assert results["status"] == "complete" and results["compute"]["description"] == text
         assert f"compute: {text}" in (out / "log.txt").read_text().splitlines()

@@ -18,11 +18,13 @@ from hypothesis import strategies as st
 
 import dynammo.data as data_module
 from dynammo import cli
-from dynammo.config import OPTIONS, Option, build_config
+from dynammo.config import OPTIONS, Option
+from dynammo.configure import build_config
 from dynammo.console import Console
 from dynammo.errors import UserError
 from dynammo.methods import METHODS
-from dynammo.runner import prepare
+from dynammo.run.build import prepare
+from method_helpers import DIGITS_8PX, cli_args
 
 # Reproducible in CI: derandomized examples, no deadline (the first prepare of a method is slow).
 PROPERTY = dict(derandomize=True, deadline=None, database=None,
@@ -34,19 +36,12 @@ KEYS = [("replay", k, o) for k, o in OPTIONS.items()] + [
 KEY_IDS = [f"{m}:{k}" for m, k, _ in KEYS]
 
 # the smallest run that prepares every method on the bundled digits
-TINY = {"dataset": "digits", "backbone": "resnet20", "img_size": 8, "max_train_per_class": 2,
-        "max_test_per_class": 1, "memory_size": 20, "device": "cpu", "progress": "false", "epochs": 1,
-        "tensorboard": False, "plots": False, "save_checkpoints": False}
+TINY = dict(DIGITS_8PX, max_train_per_class=2, max_test_per_class=1, memory_size=20, device="cpu", progress="false",
+            epochs=1, tensorboard=False, plots=False, save_checkpoints=False)
 METHOD_BASE = {"gem": {"opt_mom": 0.0}}  # GEM refuses momentum (the projected gradient)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """2 shared cores: OpenMP's two threads spin against the other processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread_module")
 
 
 # ---- strategies, from the Option's declaration only ----
@@ -249,7 +244,7 @@ def monkeypatch_module():
 
 
 # ---- the real command line ----
-CLI_TINY = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in TINY.items()] + ["method=replay"]
+CLI_TINY = cli_args(TINY, method="replay")
 # representative keys: ints, floats, open and closed bounds, lists, choices
 CLI_KEYS = ["seed", "img_size", "test_fraction", "lrate", "opt_mom", "epochs", "batch_size", "increment",
             "class_order", "lrate_decay", "opt_type", "memory_size"]

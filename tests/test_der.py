@@ -103,7 +103,6 @@ def test_reload_gives_identical_predictions():
     assert torch.equal(m.predict(x)["logits"], fresh.predict(x)["logits"])
 
 
-@pytest.mark.slow
 def test_end_to_end_cli(tiny_run):
     """The shared tiny run (conftest `tiny_run`; tests/test_method_contract.py checks its reload,
     export, cost, resume and reproducibility)."""

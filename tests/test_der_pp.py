@@ -134,7 +134,6 @@ def test_config_checks():
         make_method(memory_size=0)
 
 
-@pytest.mark.slow
 def test_end_to_end_cli(tiny_run):
     """The shared tiny run (conftest `tiny_run`; tests/test_method_contract.py checks its reload,
     export, cost, resume and reproducibility)."""

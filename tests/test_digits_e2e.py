@@ -12,25 +12,21 @@ import json
 
 import pytest
 
-from dynammo.cli import main
 from dynammo.models.backbones import build_backbone
 
-from method_helpers import one_thread
-
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
+pytestmark = pytest.mark.usefixtures("single_thread")
 SMALL = ["backbone=resnet20", "progress=false", "plots=false", "tensorboard=false", "save_checkpoints=false"]
 
 
-def run(out, *args) -> dict:
-    assert main(["run", "--out", str(out), *SMALL, *args]) == 0
+def run(run_in_process, out, *args) -> dict:
+    assert run_in_process("run", "--out", out, *SMALL, *args) == 0
     return json.loads((out / "results.json").read_text())
 
 
 @pytest.fixture(scope="module")
-def baselines(tmp_path_factory):
+def baselines(run_in_process, tmp_path_factory):
     root = tmp_path_factory.mktemp("digits")
-    with one_thread():
-        return {m: run(root / m, f"method={m}", "epochs=3") for m in ("finetune", "replay", "joint")}
+    return {m: run(run_in_process, root / m, f"method={m}", "epochs=3") for m in ("finetune", "replay", "joint")}
 
 
 def old_tasks_after_the_last(r) -> float:
@@ -66,13 +62,13 @@ def test_joint_is_the_upper_bound(baselines):
 
 
 @pytest.fixture(scope="module")
-def adapter_runs(tmp_path_factory):
+def adapter_runs(run_in_process, tmp_path_factory):
     """DynaMMo as the embedded default (no config, no method), and ACL on the same keys; one epoch
     per stage: the cost does not depend on the training."""
     root = tmp_path_factory.mktemp("adapters")
     tiny = ["epochs=1", "backbone_epochs=1", "epochs_finetune=1", "max_train_per_class=20"]
-    with one_thread():
-        return {"dynammo": run(root / "dynammo", *tiny), "acl": run(root / "acl", "method=acl", *tiny)}
+    return {"dynammo": run(run_in_process, root / "dynammo", *tiny),
+            "acl": run(run_in_process, root / "acl", "method=acl", *tiny)}
 
 
 def test_no_config_runs_the_embedded_dynammo_default(adapter_runs):

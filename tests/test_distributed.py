@@ -13,8 +13,6 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,8 +22,6 @@ from dynammo.batch import Batch
 from dynammo.distributed import World, state_digest
 from dynammo.methods.acl import heads_loss
 from test_cli_e2e import ROOT, wait_for
-
-pytestmark = pytest.mark.distributed
 
 TINY = ["dataset=digits", "init_cls=4", "increment=3", "max_train_per_class=9", "batch_size=7",
         "memory_size=20", "progress=false", "plots=false", "tensorboard=false", "amp=false", "eval_openset=false"]
@@ -51,21 +47,11 @@ FLOAT32_STEPS = {"der_pp", "podnet"}
 RESUMED = ["replay", "icarl", "gem", "der_pp", "der", "dynammo"]
 
 
-def env():
-    return dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-
-
-def launch(out: Path, case: str, procs: int, *extra: str, float64: bool = True, command: str = "run"):
-    entry = [str(ROOT / "tests" / "dist_cli.py")] if float64 else ["-m", "dynammo"]
-    if procs > 1:
-        head = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}", *entry]
-    else:
-        head = [sys.executable, *entry]
+def launch(torchrun, out: Path, case: str, procs: int, *extra: str, float64: bool = True, command: str = "run"):
+    entry = [ROOT / "tests" / "dist_cli.py"] if float64 else ["-m", "dynammo"]
     method, keys = CASES[case]
-    args = [command, str(out)] if command == "resume" else [command, "--out", str(out), f"method={method}",
-                                                             *TINY, *keys, *extra]
-    return subprocess.Popen([*head, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env=env(), start_new_session=True)
+    args = [command, out] if command == "resume" else [command, "--out", out, f"method={method}", *TINY, *keys, *extra]
+    return torchrun(procs, *entry, *args)
 
 
 def finish(proc, timeout=300):
@@ -138,14 +124,14 @@ def test_state_digest_tells_equal_states_from_states_one_bit_apart():
 
 
 @pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
+def pairs(torchrun, tmp_path_factory):
     """For every case: a 1-process and a 2-process float64 run of the same config."""
     root = tmp_path_factory.mktemp("dist")
     done = {}
     for case in CASES:
         one, two = root / f"{case}_1", root / f"{case}_2"
-        finish(launch(two, case, 2))
-        finish(launch(one, case, 1))
+        finish(launch(torchrun, two, case, 2))
+        finish(launch(torchrun, one, case, 1))
         done[case] = (one, two)
     return done
 
@@ -183,18 +169,18 @@ def test_two_processes_train_the_one_process_experiment(pairs, case):
 
 
 @pytest.mark.parametrize("case", RESUMED)
-def test_a_stopped_two_process_run_resumes_bit_for_bit(pairs, tmp_path, case):
+def test_a_stopped_two_process_run_resumes_bit_for_bit(torchrun, pairs, tmp_path, case):
     """SIGTERM to torchrun reaches both ranks at different batches; they agree on one stop batch,
     rank 0 saves, and `torchrun ... dynammo resume` ends where the uninterrupted run ended."""
     out = tmp_path / "stopped"
-    proc = launch(out, case, 2, "checkpoint_every=1")
+    proc = launch(torchrun, out, case, 2, "checkpoint_every=1")
     wait_for(out / "log.txt", "task 2/3", proc)
     os.killpg(proc.pid, signal.SIGTERM)
     proc.communicate(timeout=120)
     r = results(out)
     assert r["status"] == "interrupted", r.get("stopped_because")
     assert (out / "checkpoints" / "task_0.pt").is_file()
-    finish(launch(out, case, 2, command="resume"))
+    finish(launch(torchrun, out, case, 2, command="resume"))
     uninterrupted = pairs[case][1]
     assert results(out)["acc_matrix"] == results(uninterrupted)["acc_matrix"]
     assert results(out)["rank_digests"] == results(uninterrupted)["rank_digests"]
@@ -202,11 +188,10 @@ def test_a_stopped_two_process_run_resumes_bit_for_bit(pairs, tmp_path, case):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_method_that_cannot_train_distributed_says_so_in_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           "-m", "dynammo", "run", "--out", str(tmp_path / "l2p"), "method=l2p", *TINY, *VIT,
-                           "batchwise_prompt=true", "epochs=1"], capture_output=True, text=True, cwd=ROOT, env=env(),
-                          timeout=180)
+def test_a_method_that_cannot_train_distributed_says_so_in_one_line(torchrun, tmp_path):
+    proc = torchrun(2, "-m", "dynammo", "run", "--out", tmp_path / "l2p", "method=l2p", *TINY, *VIT,
+                    "batchwise_prompt=true", "epochs=1")
+    _, err = proc.communicate(timeout=180)
     assert proc.returncode != 0
-    assert "error: method 'l2p' cannot train on several processes: batchwise_prompt=true" in proc.stderr
+    assert "error: method 'l2p' cannot train on several processes: batchwise_prompt=true" in err
     assert not (tmp_path / "l2p").exists()

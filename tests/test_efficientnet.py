@@ -16,7 +16,7 @@ from dynammo.deploy import export_run
 from dynammo.errors import UserError
 from dynammo.methods import METHODS
 from dynammo.metrics import ContinualMetrics
-from dynammo.runner import evaluate
+from dynammo.run.evaluation import evaluate
 from dynammo.models import efficientnet as eff
 from dynammo.models.backbones import build_backbone
 from method_helpers import make_method, needs_vit, one_thread, run_task
@@ -137,7 +137,6 @@ FROZEN_TINY = dict(dataset="digits", backbone="efficientnet_lite0", img_size=64,
 FROZEN_METHOD_KEYS = {"gem": {"opt_mom": 0.0}}  # GEM steps along its projection: plain SGD
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in METHODS.names() if not needs_vit(n)])
 def test_every_cnn_method_trains_two_tasks_on_it(name):
     stage_epochs = {k: 1 for k in METHODS.get(name).options if k.startswith("epochs_") or k == "backbone_epochs"}
@@ -177,7 +176,6 @@ def flagship_runs(cli, tmp_path_factory):
     return runs
 
 
-@pytest.mark.slow
 def test_dynammo_merges_adapters_at_its_stages_into_one_pass(flagship_runs):
     dyn = json.loads((flagship_runs["dynammo"] / "results.json").read_text())
     acl = json.loads((flagship_runs["acl"] / "results.json").read_text())
@@ -197,7 +195,6 @@ def test_dynammo_merges_adapters_at_its_stages_into_one_pass(flagship_runs):
     assert widths == {"stage1": 16, "stage2": 24, "stage3": 40, "stage4": 112}
 
 
-@pytest.mark.slow
 def test_dynammo_on_it_exports_the_framework_predictions(flagship_runs, tmp_path):
     model = tmp_path / "model.pt2"
     export_run(flagship_runs["dynammo"], model)

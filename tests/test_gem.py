@@ -3,24 +3,22 @@ reloading, and an end-to-end run of the `dynammo` command."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from dynammo.batch import Batch
-from dynammo.config import build_config
+from dynammo.configure import build_config
 from dynammo.errors import UserError
 from dynammo.methods.gem import flat_grad, project_to_cone, write_grad
 
 import method_helpers
-from method_helpers import run_task
+from method_helpers import DIGITS_8PX, QUIET, cli_args, run_task
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-ROOT = Path(__file__).resolve().parents[1]
+
+
 def make_method(**kw):
     return method_helpers.make_method("gem", method_helpers.TINY, **{"opt_mom": 0.0, "weight_decay": 0.0, **kw})
 
@@ -256,15 +254,11 @@ def test_reload_gives_identical_predictions():
 # ---------------------------------------------------------------- end to end
 
 
-@pytest.mark.slow
-def test_end_to_end_cli(tmp_path):
+def test_end_to_end_cli(cli, tmp_path):
     out = tmp_path / "gem"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "dynammo", "run", "--out", str(out), "method=gem_il",
-                           "dataset=digits", "backbone=resnet20", "img_size=8", "init_cls=4", "increment=3",
-                           "epochs=1", "max_train_per_class=12", "memory_size=30", "batch_size=16",
-                           "gem_mem_batch=8", "progress=false", "plots=false", "tensorboard=false"],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    proc = cli("run", "--out", out, *cli_args({"method": "gem_il"}, DIGITS_8PX, init_cls=4, increment=3, epochs=1,
+                                              max_train_per_class=12, memory_size=30, batch_size=16, gem_mem_batch=8,
+                                              **QUIET))
     assert proc.returncode == 0, proc.stderr + proc.stdout
     r = json.loads((out / "results.json").read_text())
     assert r["status"] == "complete" and r["method"] == "gem"

@@ -9,13 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 from dynammo.distributed import World
 from dynammo.global_batchnorm import shared_pass, training_step
-
-pytestmark = pytest.mark.distributed
 
 CASES = {  # name: (layer class, shape of the global batch)
     "2d_7": (nn.BatchNorm2d, (7, 3, 4, 5)),
@@ -84,9 +81,9 @@ def worker(rank, store, results):
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
+def ranks(spawn_processes, tmp_path_factory):
     root = tmp_path_factory.mktemp("global_bn")
-    mp.spawn(worker, args=(str(root / "store"), str(root)), nprocs=2, join=True)
+    spawn_processes(worker, (str(root / "store"), str(root)), nprocs=2)
     return [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 

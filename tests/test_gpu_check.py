@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -31,14 +29,12 @@ gpu_check = load_gpu_check()
 
 
 @pytest.fixture(scope="module")
-def dry_run(tmp_path_factory):
+def dry_run(cli, tmp_path_factory):
     """One dry run of every step; the speed step is given a backbone that does not exist beside a
     real one, so one of its rows fails while its other row and every later step run."""
     out = tmp_path_factory.mktemp("gpu_check")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DYNAMMO_CPU_BF16": "0"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out), "--budget-s", "900",
-                           "--speed-models", "resnet20@8:16:1", "no_such_backbone@8:16:1"],
-                          capture_output=True, text=True, env=env, timeout=900)
+    proc = cli.python(SCRIPT, "--dry-run", "--out", out, "--budget-s", "900", "--speed-models", "resnet20@8:16:1",
+                      "no_such_backbone@8:16:1", env=cli.env(DYNAMMO_CPU_BF16="0"), timeout=900)
     record = json.loads((out / "gpu_check.json").read_text())
     return proc, record, (out / "gpu_check.md").read_text()
 
@@ -47,7 +43,6 @@ def steps_of(record) -> dict:
     return {st["name"]: st for st in record["steps"]}
 
 
-@pytest.mark.slow
 def test_dry_run_runs_every_registered_method_and_records_the_failed_step(dry_run):
     proc, record, md = dry_run
     assert proc.returncode == 1, proc.stderr[-3000:]  # one step failed (on purpose): exit status 1

@@ -36,7 +36,7 @@ BOUNDED = dict(derandomize=True, deadline=None, database=None, phases=(Phase.exp
 # dataset first: the folder/csv tests drop it (TINY[1:])
 TINY = cli_args(DIGITS_8PX, epochs=1, max_train_per_class=10, max_test_per_class=5, progress="false", tensorboard="false",
                 plots="false", method="finetune", init_cls=5, increment=5)
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("single_thread_module")
 
 
 def png(path: Path, size=(8, 8), seed=0) -> None:
@@ -418,7 +418,7 @@ def test_cost_from_the_registered_shape_equals_cost_from_the_data():
     from dynammo.cost import structure_costs
     from dynammo.cost_parts import cost_parts, shape_only_parts
     from dynammo.data.datasets import SHAPES
-    from dynammo.runner import prepare
+    from dynammo.run.build import prepare
 
     cfg = load_config(None, ["method=replay", "backbone=resnet20", "memory_size=20", "device=cpu",
                              "max_train_per_class=1", "max_test_per_class=1", "progress=false"])

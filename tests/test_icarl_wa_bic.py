@@ -438,7 +438,6 @@ def e2e_runs(tiny_run):
     return {name: tiny_run(name) for name in ("icarl", "wa", "bic")}
 
 
-@pytest.mark.slow
 def test_end_to_end_results_json(e2e_runs):
     for name, run_dir in e2e_runs.items():
         r = json.loads((run_dir / "results.json").read_text())
@@ -464,7 +463,6 @@ needs_mednist = pytest.mark.skipif(not (SHARED / "mednist.tar.gz").is_file(),
 
 
 @needs_mednist
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["icarl", "wa", "bic"])
 def test_cpu_config_on_real_mednist(cli, tmp_path, name):
     out = tmp_path / name

@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from dynammo.batch import Batch
-from dynammo.cli import main
-from dynammo.config import build_config
+from dynammo.configure import build_config
 from dynammo.cost import count_flops
 from dynammo.errors import UserError
 from dynammo.methods import METHODS
@@ -458,9 +457,9 @@ def test_a_tiny_run_records_accuracy_for_every_task(tiny_run):
     assert all(0 <= a <= 100 for a in r["acc"])
 
 
-def test_a_tiny_l2p_plus_plus_run(tmp_path):
+def test_a_tiny_l2p_plus_plus_run(run_in_process, tmp_path):
     args = method_helpers.tiny_run_args("l2p", l2p_variant="prefix", prompt_length=4)
-    assert main(["run", "--out", str(tmp_path / "run"), *args]) == 0
+    assert run_in_process("run", "--out", str(tmp_path / "run"), *args) == 0
     r = json.loads((tmp_path / "run" / "results.json").read_text())
     assert len(r["acc"]) == 3 and any("L2P++" in d for d in r["deviations"])
 

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -29,7 +27,8 @@ import pytest
 import torch
 import yaml
 
-from dynammo.checkpoints import available_checkpoints, load_checkpoint, read_run_config, restore_method
+from dynammo.run.restore import restore_method
+from dynammo.run.rundir import available_checkpoints, load_checkpoint, read_run_config
 from dynammo.cli import main
 from dynammo.console import Console
 from dynammo.deploy import export_run
@@ -38,15 +37,15 @@ from dynammo.methods import METHODS
 from dynammo.methods.base import held_modules, modules_in_training_mode
 from dynammo.metrics import ContinualMetrics
 from dynammo.protocols import RESULT_NEUTRAL_KEYS
-from dynammo.runner import evaluate, evaluate_checkpoint, prepare
+from dynammo.run.build import prepare
+from dynammo.run.evaluation import evaluate, evaluate_checkpoint
 
 import method_helpers
-from method_helpers import one_thread, run_task
+from method_helpers import run_task
 from test_deploy import check_export_equals_framework
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 TESTS = Path(__file__).resolve().parent
-ROOT = TESTS.parent
 QUIET = Console(progress="false", quiet=True)
 
 
@@ -152,20 +151,19 @@ NEUTRALITY_RUN = ["method=podnet", "dataset=digits", "max_train_per_class=30", "
                   "amp=false", "progress=false", "plots=false", "tensorboard=false", "eval_openset=false"]
 
 
-def test_eval_batch_size_changes_nothing_a_run_trains(tmp_path):
+def test_eval_batch_size_changes_nothing_a_run_trains(run_in_process, tmp_path):
     """The passes that feed training (herding features, imprinted weights, class means) run at the
     engine's fixed internal batch; eval_batch_size only sizes the evaluation's batches."""
     assert "eval_batch_size" in RESULT_NEUTRAL_KEYS  # a resume or a sweep may change it: it must be neutral
     for bs in (1, 256):
-        with one_thread():
-            assert main(["run", "--out", str(tmp_path / f"bs{bs}"), *NEUTRALITY_RUN, f"eval_batch_size={bs}"]) == 0
+        assert run_in_process("run", "--out", tmp_path / f"bs{bs}", *NEUTRALITY_RUN, f"eval_batch_size={bs}") == 0
     same_outcome(tmp_path / "bs1", tmp_path / "bs256")
 
 
 # ---------------------------------------------------------------- resume and reproducibility
 
 
-def test_resume_after_an_interruption_mid_task_equals_the_uninterrupted_run(name, tiny_run, tmp_path, monkeypatch):
+def test_resume_after_an_interruption_mid_task_equals_the_uninterrupted_run(run_in_process, name, tiny_run, tmp_path, monkeypatch):
     """Stopped (as by SIGINT) after the first batch of task 2's first training stage, resumed with
     `dynammo resume`: results, model, memory and RNG end as in the uninterrupted run. A method that
     trains nothing after task 1 (SimpleCIL, APER, RanPAC: its recorded budget of task 2 is empty) is
@@ -183,14 +181,14 @@ def test_resume_after_an_interruption_mid_task_equals_the_uninterrupted_run(name
         return real_fit(self, *a, **k)
 
     monkeypatch.setattr(Engine, "fit", stop_in_task)
-    assert main(["run", "--out", str(out), *method_helpers.tiny_run_args(name)]) == 130
+    assert run_in_process("run", "--out", str(out), *method_helpers.tiny_run_args(name)) == 130
     monkeypatch.undo()
     assert stopped
     assert (out / "checkpoints" / "task_0.pt").is_file() == (task == 2)  # task 1 had no checkpoint yet
     assert (out / "checkpoints" / "partial.pt").is_file(), f"the stop did not land inside task {task}"
     if task == 2:  # a run stopped in task 1 has no results.json yet
         assert results(out)["status"] == "interrupted"
-    assert main(["resume", str(out)]) == 0
+    assert run_in_process("resume", str(out)) == 0
     same_outcome(reference, out)
     assert not (out / "checkpoints" / "partial.pt").exists()
 
@@ -210,7 +208,7 @@ for name in sys.argv[3:]:
 
 
 @pytest.fixture(scope="module")
-def second_runs(request, tmp_path_factory):
+def second_runs(cli, request, tmp_path_factory):
     """The tiny run of every method this session tests, again, in ONE other process (another hash
     seed, fresh global state): {method: run dir}."""
     names = []
@@ -220,9 +218,7 @@ def second_runs(request, tmp_path_factory):
                 and params.get("name") not in names:
             names.append(params["name"])
     root = tmp_path_factory.mktemp("second_runs")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONHASHSEED="random")
-    proc = subprocess.run([sys.executable, "-c", SECOND_RUNS, str(TESTS), str(root), *names], capture_output=True,
-                          text=True, cwd=ROOT, env=env, timeout=900)
+    proc = cli.python("-c", SECOND_RUNS, TESTS, root, *names, env=cli.env(PYTHONHASHSEED="random"), timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {n: root / n for n in names}
 

@@ -176,7 +176,7 @@ def test_metrics_summary_lists_and_averages():
 
 
 def test_summary_over_seeds():
-    from dynammo.runner import summarize
+    from dynammo.run.experiment import summarize
 
     def run(seed, ece, auroc):
         return {"method": "finetune", "dataset": "digits", "seed": seed, "avg_acc": 50.0, "last_acc": 40.0,
@@ -246,9 +246,9 @@ def test_the_recorded_metrics_are_those_of_the_checkpoints_predictions(tiny_run,
     """From each task's checkpoint, by plain loops and scikit-learn: the accuracy, the ECE and the
     open-set metrics results.json recorded. For iCaRL they are the headline NME classifier's, not
     its CNN head's (whose predictions differ from NME's in this run)."""
-    from dynammo.checkpoints import load_checkpoint, read_run_config
+    from dynammo.run.rundir import load_checkpoint, read_run_config
     from dynammo.console import Console
-    from dynammo.runner import prepare
+    from dynammo.run.build import prepare
 
     run = tiny_run(name)
     r = json.loads((run / "results.json").read_text())
@@ -310,16 +310,16 @@ def test_the_recorded_metrics_are_those_of_the_checkpoints_predictions(tiny_run,
         assert r["ece"] != pytest.approx(cnn_ece, abs=1e-3)  # not the CNN head's calibration
 
 
-def test_accuracy_and_training_are_the_same_with_open_set_evaluation_off(tiny_run, tmp_path):
+def test_accuracy_and_training_are_the_same_with_open_set_evaluation_off(run_in_process, tiny_run, tmp_path):
     """eval_openset=false: bit for bit the same accuracies, cost (FLOPs, parameters, images) and
     trained weights; only the open-set block is gone (ECE stays: it needs no extra pass)."""
-    from dynammo.checkpoints import load_checkpoint
+    from dynammo.run.rundir import load_checkpoint
     from dynammo.cli import main
     from method_helpers import tiny_run_args
 
     on = tiny_run("finetune")
     off = tmp_path / "off"
-    assert main(["run", "--out", str(off), *tiny_run_args("finetune", eval_openset="false")]) == 0
+    assert run_in_process("run", "--out", str(off), *tiny_run_args("finetune", eval_openset="false")) == 0
     a, b = (json.loads((d / "results.json").read_text()) for d in (on, off))
     for key in ACCURACY_FIELDS:
         assert a.get(key) == b.get(key), key
@@ -334,7 +334,7 @@ def test_accuracy_and_training_are_the_same_with_open_set_evaluation_off(tiny_ru
 def test_evaluation_runs_in_eval_mode_and_changes_nothing():
     """The open-set pass is an eval-mode forward of every module, and leaves the weights, the
     BatchNorm statistics and every random generator as they were."""
-    from dynammo.runner import evaluate
+    from dynammo.run.evaluation import evaluate
     from method_helpers import make_method, run_task
 
     m = make_method("finetune")

@@ -3,15 +3,14 @@ that every shipped protocol puts every method on the same footing."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from dynammo.cli import main as cli_main
-from dynammo.config import load_config, read_yaml
+from dynammo.config_yaml import read_yaml
+from dynammo.configure import load_config
 from dynammo.errors import UserError
 from dynammo.methods import METHODS
 from dynammo.protocols import (METHOD_DIR, PROTOCOL_KEYS, protocol_names, protocol_path, protocol_record,
@@ -146,21 +145,20 @@ def test_skin8_protocol_reports_mcr():
                                           ("skin8_acl", "SKIN8 (ISIC 2019) not found under"),
                                           ("skin40_scratch", "SKIN40 (SD-198) not found under"),
                                           ("cifar100_acl", "CIFAR-100 not found")])
-def test_a_protocol_whose_data_is_missing_fails_with_one_line(tmp_path, name, missing):
-    r = subprocess.run([sys.executable, "-m", "dynammo", "run", "-c", name, "-c", "acl", "--out", str(tmp_path / "r"),
-                        f"data_root={tmp_path / 'nodata'}"], capture_output=True, text=True,
-                       env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}, timeout=300)
+def test_a_protocol_whose_data_is_missing_fails_with_one_line(cli, tmp_path, name, missing):
+    r = cli("run", "-c", name, "-c", "acl", "--out", tmp_path / "r", f"data_root={tmp_path / 'nodata'}",
+            env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}, timeout=300)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and missing in lines[0], r.stderr
     assert not (tmp_path / "r").exists()
 
 
-def test_a_run_records_protocol_deviations_and_budget(tmp_path, single_thread):
+def test_a_run_records_protocol_deviations_and_budget(run_in_process, tmp_path, single_thread):
     out = tmp_path / "run"
-    assert cli_main(["run", "-c", "digits", "-c", "acl", "--out", str(out), "backbone=resnet20", "img_size=8",
-                     "epochs=1", "epochs_finetune=1", "backbone_epochs=1", "max_train_per_class=8",
-                     "increment=4", "init_cls=6", "progress=false", "plots=false", "tensorboard=false"]) == 0
+    assert run_in_process("run", "-c", "digits", "-c", "acl", "--out", out, "backbone=resnet20", "img_size=8",
+                          "epochs=1", "epochs_finetune=1", "backbone_epochs=1", "max_train_per_class=8",
+                          "increment=4", "init_cls=6", "progress=false", "plots=false", "tensorboard=false") == 0
     res = json.loads((out / "results.json").read_text())
     assert res["protocol"]["name"] == "digits"
     assert set(res["protocol"]["departs"]) == {"backbone", "img_size", "epochs", "max_train_per_class",

@@ -15,7 +15,9 @@ import yaml
 
 from dynammo.cli import main
 from dynammo.configure import build_config
-from dynammo.tracking import flat_params, task_metrics, tensorboard_on
+from dynammo.run.sinks import task_metrics
+from dynammo.run.sinks.mlflow import flat_params
+from dynammo.run.sinks.tensorboard import tensorboard_on
 from method_helpers import tiny_run_args
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -29,12 +31,12 @@ OPENSET = ("auroc", "fpr95", "aupr", "aupr_out")
 
 
 @pytest.fixture(scope="module")
-def mlflow_run(tmp_path_factory):
+def mlflow_run(run_in_process, tmp_path_factory):
     """A tiny ACL run (task-id accuracy, the 'others' score) logged to a fresh file store."""
     base = tmp_path_factory.mktemp("mlflow")
     uri = (base / "store").as_uri()
     out = base / "acl"
-    assert main(["run", "--out", str(out), *tiny_run_args("acl", tracking="mlflow", mlflow_uri=uri)]) == 0
+    assert run_in_process("run", "--out", str(out), *tiny_run_args("acl", tracking="mlflow", mlflow_uri=uri)) == 0
     return out, uri, json.loads((out / "results.json").read_text())
 
 
@@ -102,11 +104,11 @@ def test_which_tracker_is_on():
     assert not tensorboard_on(build_config({"tracking": "none"}))
 
 
-def test_tensorboard_gets_the_open_set_and_calibration_scalars(tmp_path):
+def test_tensorboard_gets_the_open_set_and_calibration_scalars(run_in_process, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "tb_run"
-    assert main(["run", "--out", str(out), *tiny_run_args("finetune", tensorboard="true", eval_openset="true")]) == 0
+    assert run_in_process("run", "--out", out, *tiny_run_args("finetune", tensorboard="true", eval_openset="true")) == 0
     r = json.loads((out / "results.json").read_text())
     acc = EventAccumulator(str(out / "tb"))
     acc.Reload()
@@ -171,7 +173,7 @@ def test_a_resumed_run_continues_its_mlflow_run(cli, tmp_path):
 
 
 def test_the_default_store_is_mlruns_of_the_working_directory(tmp_path, monkeypatch):
-    from dynammo.tracking import default_uri, is_file_store
+    from dynammo.run.sinks.mlflow import default_uri, is_file_store
 
     monkeypatch.chdir(tmp_path)
     assert default_uri() == (tmp_path / "mlruns").resolve().as_uri()

@@ -8,11 +8,9 @@ import json
 
 import pytest
 
-from dynammo.cli import main
-from dynammo.config import load_config
+from dynammo.configure import load_config
 from dynammo.protocols import untuned_reason
 from dynammo.reporting import make_report, write_report
-from method_helpers import one_thread
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -28,11 +26,10 @@ def test_untuned_is_computed_from_the_method_files():
     assert untuned_reason(load_config(None, ["method=der", "dataset=digits"])) is None  # no protocol named
 
 
-def test_untuned_run_is_marked_in_results_log_and_report_tables(tmp_path):
+def test_untuned_run_is_marked_in_results_log_and_report_tables(run_in_process, tmp_path):
     untuned, tuned = tmp_path / "runs" / "untuned", tmp_path / "runs" / "tuned"
-    with one_thread():
-        assert main(["run", "-c", "digits_vit", "-c", "replay", "--out", str(untuned), *SMALL]) == 0
-        assert main(["run", "-c", "digits", "-c", "replay", "--out", str(tuned), *SMALL]) == 0
+    assert run_in_process("run", "-c", "digits_vit", "-c", "replay", "--out", str(untuned), *SMALL) == 0
+    assert run_in_process("run", "-c", "digits", "-c", "replay", "--out", str(tuned), *SMALL) == 0
     res = json.loads((untuned / "results.json").read_text())
     assert res["untuned"] is True and "configs/methods/replay/digits_vit.yaml" in res["untuned_reason"]
     assert json.loads((tuned / "results.json").read_text())["untuned"] is False

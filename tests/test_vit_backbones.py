@@ -368,12 +368,11 @@ def test_ucir_with_last_relu_runs_on_a_vit(make_cfg):
 
 
 @pytest.mark.parametrize("name", ["finetune", "replay", "der_pp"])
-def test_short_real_run_on_vit_cpu(name, tmp_path):
-    from dynammo.cli import main
+def test_short_real_run_on_vit_cpu(run_in_process, name, tmp_path):
     from method_helpers import tiny_run_args
 
     out = tmp_path / name
-    assert main(["run", "--out", str(out), *tiny_run_args(name, **VIT_RUN)]) == 0
+    assert run_in_process("run", "--out", str(out), *tiny_run_args(name, **VIT_RUN)) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["status"] == "complete" and res["backbone"] == "vit_cpu"
     assert len(res["tasks"]) == len(res["acc"]) == len(res["acc_matrix"]) == 3
