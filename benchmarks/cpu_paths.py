@@ -25,7 +25,7 @@ import time
 import torch
 
 from dynammo.assembly import build_run
-from dynammo.config import load_config
+from dynammo.configure import load_config
 from dynammo.optim import OptimSettings
 
 # (label, config keys)

@@ -16,7 +16,7 @@ import torch
 
 from dynammo.assembly import build_run
 from dynammo.compute import resolve_device
-from dynammo.config import load_config
+from dynammo.configure import load_config
 from dynammo.cost import count_params, gflops_per_image
 
 

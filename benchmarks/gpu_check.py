@@ -220,7 +220,7 @@ def json_safe(obj):
 
 def environment(device: torch.device) -> dict:
     from dynammo.compute import compute_path
-    from dynammo.config import build_config
+    from dynammo.configure import build_config
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
            "device": str(device), "cpu_count": os.cpu_count(), "commit": git_commit()}
@@ -591,7 +591,7 @@ def parse_model(spec: str) -> tuple:
 
 
 def step_speed(check: Check, deadline: float) -> List[dict]:
-    from dynammo.config import load_config
+    from dynammo.configure import load_config
     from overhead import measure
 
     s = check.s
@@ -679,7 +679,7 @@ class UtilisationSampler:
 
 def step_loader(check: Check, deadline: float) -> List[dict]:
     from dynammo.assembly import build_run
-    from dynammo.config import load_config
+    from dynammo.configure import load_config
     from dynammo.data.loader import iterate_batches
     from dynammo.optim import OptimSettings
     from loader_speed import write_images

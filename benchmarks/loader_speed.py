@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dynammo.config import build_config
+from dynammo.configure import build_config
 from dynammo.data import load_data
 from dynammo.data.loader import iterate_batches
 from dynammo.data.transforms import make_transforms

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from dynammo.assembly import build_run
 from dynammo.compute import resolve_device
-from dynammo.config import load_config
+from dynammo.configure import load_config
 from dynammo.data.transforms import random_crop
 from dynammo.optim import OptimSettings
 

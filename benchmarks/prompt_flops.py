@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from dynammo.assembly import build_run
-from dynammo.config import build_config
+from dynammo.configure import build_config
 from dynammo.cost import count_flops
 
 D, PATCHES = 768, 196

@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 
 from dynammo import legacy
-from dynammo.config import Option, build_config, load_config, parse_overrides, read_yaml
+from dynammo.config import Option
+from dynammo.config_yaml import parse_overrides, read_yaml
+from dynammo.configure import build_config, load_config
 from dynammo.protocols import protocol_path, shipped_method_file
 from dynammo.errors import UserError
 from dynammo.methods import METHODS
@@ -321,7 +323,7 @@ def test_reference_device(value, device):
 
 
 def test_embedded_default_keys_of_another_method_are_dropped_when_the_method_changes():
-    from dynammo.config import load_config
+    from dynammo.configure import load_config
 
     default = load_config(None, [])
     assert default.method == "dynammo" and default.lrate_finetune == 0.01

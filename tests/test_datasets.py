@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from dynammo.config import build_config
+from dynammo.configure import build_config
 from dynammo.data import IMAGENET_MEAN, IMAGENET_STD, _prepare, channel_stats, load_data
 from dynammo.data.datasets import DATASETS
 from dynammo.data.datasets.medmnist import CLASS_NAMES, ZENODO

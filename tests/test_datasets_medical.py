@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dynammo.config import build_config, load_config
+from dynammo.configure import build_config, load_config
 from dynammo.data import load_data
 from dynammo.data.datasets import DATASETS, skin7, skin8, skin40
 from dynammo.data.datasets.files import md5sum

@@ -17,7 +17,7 @@ import pytest
 import torch
 from scipy.io import savemat
 
-from dynammo.config import build_config, load_config
+from dynammo.configure import build_config, load_config
 from dynammo.data import load_data
 from dynammo.data.datasets import DATASETS, cub200, imagenet, imagenet_r, tinyimagenet
 from dynammo.errors import UserError

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import method_helpers
 from dynammo.batch import Batch
-from dynammo.config import build_config
+from dynammo.configure import build_config
 from dynammo.cost import count_flops
 from dynammo.errors import UserError
 from dynammo.methods import METHODS

@@ -5,7 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dynammo.compute import resolve_device
-from dynammo.config import load_config
+from dynammo.configure import load_config
 from dynammo.console import Console
 from dynammo.data.imageset import ImageSet
 from dynammo.data.transforms import BatchTransform

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dynammo.config import build_config
+from dynammo.configure import build_config
 from dynammo.data import load_data
 from dynammo.data.datasets import DATASETS
 from dynammo.errors import UserError

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from dynammo.assembly import build_run
-from dynammo.config import load_config
+from dynammo.configure import load_config
 from dynammo.data.imageset import ImageSet, resize_uint8
 from dynammo.data.transforms import BatchTransform
 from dynammo.protocols import protocol_record

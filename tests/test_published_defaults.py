@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import method_helpers
-from dynammo.config import build_config, load_config
+from dynammo.configure import build_config, load_config
 from dynammo.data.scenario import make_class_order
 from dynammo.methods import METHODS
 from dynammo.methods.prompt_base import CodaCosine, coda_cosine_factor

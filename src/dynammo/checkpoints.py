@@ -13,7 +13,9 @@ import torch
 import yaml
 
 from dynammo.assembly import build_from_record
-from dynammo.config import Config, build_config, read_yaml
+from dynammo.config import Config
+from dynammo.config_yaml import read_yaml
+from dynammo.configure import build_config
 from dynammo.data.imageset import ImageSet
 from dynammo.data.scenario import Scenario
 from dynammo.errors import UserError

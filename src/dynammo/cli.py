@@ -12,7 +12,7 @@ from dynammo.errors import RunInterrupted, UserError
 
 
 def _cmd_run(args) -> int:
-    from dynammo.config import load_config
+    from dynammo.configure import load_config
 
     overrides = list(args.overrides)
     if args.device:
@@ -72,7 +72,7 @@ def _cmd_cost(args) -> int:
     """The cost table of a config without training: the structure is grown task by task."""
     import torch
 
-    from dynammo.config import load_config
+    from dynammo.configure import load_config
     from dynammo.console import Console
     from dynammo.cost import format_cost_table, structure_costs
     from dynammo.cost_parts import cost_parts

@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from dynammo.config import build_config, read_yaml
+from dynammo.config_yaml import read_yaml
+from dynammo.configure import build_config
 from dynammo.errors import UserError
 
 SECTIONS = ("basic", "usual", "special")

@@ -25,8 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from dynammo.config import ALIASES, OPTIONS, coerce, parse_overrides, read_yaml, shown
+from dynammo.config import ALIASES, NEUTRAL, OPTIONS, PROTOCOL, coerce, shown
+from dynammo.config_yaml import parse_overrides, read_yaml
 from dynammo.errors import UserError
+from dynammo.methods import METHODS
 from dynammo.registry import closest
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -34,31 +36,21 @@ PROTOCOL_DIR = CONFIG_DIR / "protocols"
 METHOD_DIR = CONFIG_DIR / "methods"
 DEFAULT_PROTOCOL, DEFAULT_METHOD = "digits", "dynammo"  # the embedded default: `dynammo run`
 
+# The key lists below are derived from the role each key declares on its Option (config.py).
 # What must be equal for every method compared under one protocol.
-PROTOCOL_KEYS = (
-    "dataset", "backbone", "pretrained", "img_size", "normalize", "augment", "augment_crop", "test_crop",
-    "keep_aspect",
-    "init_cls", "increment", "shuffle", "shuffle_rule", "class_order", "seed", "test_fraction",
-    "max_train_per_class", "max_test_per_class",
-    "memory_size", "memory_per_class",
-    "epochs", "init_epochs", "batch_size", "metric",
-    *("vit_patch_size", "vit_embed_dim", "vit_depth", "vit_heads"),  # the shape of backbone vit_cpu
-)
+PROTOCOL_KEYS = tuple(key for key, opt in OPTIONS.items() if opt.role == PROTOCOL)
 # Keys that shape one backbone only: part of the protocol (and its hash) when that backbone runs.
-BACKBONE_SHAPE_KEYS = {"vit_patch_size": "vit_cpu", "vit_embed_dim": "vit_cpu", "vit_depth": "vit_cpu",
-                       "vit_heads": "vit_cpu"}
+BACKBONE_SHAPE_KEYS = {key: opt.backbone_only for key, opt in OPTIONS.items() if opt.backbone_only}
 # Also allowed in a protocol file: its name and where the data is (not part of the comparison).
-PROTOCOL_FILE_EXTRA = ("protocol", "data_root", "download", "in_memory", "num_workers")
+PROTOCOL_FILE_EXTRA = tuple(key for key, opt in OPTIONS.items() if opt.in_protocol_file)
 # Not hashed: the seed varies between the runs of one protocol (each results.json records its own).
-UNHASHED = ("seed",)
+UNHASHED = tuple(key for key in PROTOCOL_KEYS if OPTIONS[key].hashed == "never")
 # Keys that do not change what a run computes (where it runs, what it prints or logs, how often it
 # saves): a resume or a sweep may change them; every other key makes another experiment.
-RESULT_NEUTRAL_KEYS = {"device", "progress", "num_workers", "data_root", "download", "in_memory", "plots",
-                       "tensorboard", "tracking", "mlflow_uri", "mlflow_experiment", "checkpoint_every",
-                       "save_checkpoints", "eval_batch_size"}
+RESULT_NEUTRAL_KEYS = {key for key, opt in OPTIONS.items() if opt.role == NEUTRAL}
 # Keys added after protocols were first hashed: part of the values (and the hash) only when set away
 # from their default, so a protocol that does not use them keeps the hash its earlier runs recorded.
-HASHED_WHEN_SET = ("augment_crop", "test_crop", "keep_aspect", "shuffle_rule")
+HASHED_WHEN_SET = tuple(key for key in PROTOCOL_KEYS if OPTIONS[key].hashed == "when_set")
 
 
 @dataclass
@@ -132,14 +124,10 @@ def read_protocol(name: str) -> dict:
 
 
 def _method_canonical(name) -> str:
-    from dynammo.methods import METHODS
-
     return METHODS.canonical(str(name))
 
 
 def _is_method(name: str) -> bool:
-    from dynammo.methods import METHODS
-
     try:
         METHODS.canonical(name)
         return True
@@ -167,7 +155,7 @@ def _load_source(source: str) -> Layer:
 
 def compose(sources: Sequence[str], overrides: Sequence[str] = (), extra: Optional[dict] = None,
             notices: Optional[list] = None) -> dict:
-    """The raw config of `-c` sources + overrides (not yet validated; see config.build_config)."""
+    """The raw config of `-c` sources + overrides (not yet validated; see configure.build_config)."""
     notices = notices if notices is not None else []
     layers = [_load_source(s) for s in sources]
     if not layers:  # the embedded default

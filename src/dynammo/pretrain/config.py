@@ -20,7 +20,8 @@ import copy
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
-from dynammo.config import ALIASES, OPTIONS, Config, Option, coerce, parse_overrides, read_yaml
+from dynammo.config import ALIASES, OPTIONS, Config, Option, coerce
+from dynammo.config_yaml import parse_overrides, read_yaml
 from dynammo.errors import UserError
 from dynammo.registry import closest
 

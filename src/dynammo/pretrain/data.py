@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from dynammo.config import build_config
+from dynammo.configure import build_config
 from dynammo.data import fit_in_memory
 from dynammo.data import normalisation as data_normalisation
 from dynammo.data.datasets import DATASETS, RawDataset

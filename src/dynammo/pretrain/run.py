@@ -37,7 +37,7 @@ import torch
 
 from dynammo.batch import Batch
 from dynammo.compute import resolve_device
-from dynammo.config import read_yaml
+from dynammo.config_yaml import read_yaml
 from dynammo.console import Console
 from dynammo.data.imageset import ImageSet
 from dynammo.data.transforms import BatchTransform
