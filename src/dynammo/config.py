@@ -26,6 +26,8 @@ INT_KINDS = ("int", "int_list", "int_or_list")
 PROTOCOL = "protocol"  # equal for every method compared under one protocol, and part of its hash
 NEUTRAL = "neutral"  # where a run runs, what it prints or logs, how often it saves: never what it computes
 HASH_ROLES = ("always", "when_set", "never")
+OPT_TYPES = ("sgd", "adam", "adamw")
+SCHEDULERS = ("multi_step", "cos", "none")
 
 _SHOWN = reprlib.Repr()
 _SHOWN.maxstring = _SHOWN.maxother = 80
@@ -266,11 +268,11 @@ OPTIONS: Dict[str, Option] = {
     "epochs": Option("int", 10, "training epochs per task", min=1, sane_max=MAX_EPOCHS, role=PROTOCOL),
     "batch_size": Option("int", 32, "training batch size", min=1, role=PROTOCOL),
     "eval_batch_size": Option("int", 256, "evaluation batch size", min=1, role=NEUTRAL),
-    "opt_type": Option("str", "sgd", "optimiser", choices=("sgd", "adam", "adamw"), aliases=("optimizer",)),
+    "opt_type": Option("str", "sgd", "optimiser", choices=OPT_TYPES, aliases=("optimizer",)),
     "lrate": Option("float", 0.01, "learning rate", min=0.0, min_open=True, aliases=("lr",)),
     "weight_decay": Option("float", 5e-4, "weight decay", min=0.0),
     "opt_mom": Option("float", 0.9, "SGD momentum", min=0.0, max=1.0, max_open=True, aliases=("momentum",)),
-    "scheduler": Option("str", "multi_step", "learning-rate schedule", choices=("multi_step", "cos", "none")),
+    "scheduler": Option("str", "multi_step", "learning-rate schedule", choices=SCHEDULERS),
     "milestones": Option("int_list", [], "epochs at which multi_step decays the rate", min=1, sane_max=MAX_EPOCHS),
     "lrate_decay": Option("float", 0.1, "multi_step decay factor", min=0.0, min_open=True, max=1.0,
                           aliases=("lr_decay",)),

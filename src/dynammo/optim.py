@@ -2,11 +2,25 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import Dict, List, Optional
 
 import torch
 
+from dynammo.config import OPT_TYPES, SCHEDULERS, Option
 from dynammo.errors import UserError
+
+# The keys a method's later stage may set apart from the task's training (`epochs_finetune`,
+# `lrate_bias`, ...), with their kind, what the help calls them and their valid values; opt_mom,
+# lrate_decay and batch_size are the general keys' in every stage.
+_STAGE_KEY_SHAPES = {
+    "epochs": ("int", "epochs", dict(min=1)),
+    "lrate": ("float", "learning rate", dict(min=0.0, min_open=True)),
+    "opt_type": ("str", "optimiser", dict(choices=OPT_TYPES)),
+    "weight_decay": ("float", "weight decay", dict(min=0.0)),
+    "scheduler": ("str", "learning-rate schedule", dict(choices=SCHEDULERS)),
+    "milestones": ("int_list", "multi_step milestones", dict(min=1)),
+}
+STAGE_KEYS = tuple(_STAGE_KEY_SHAPES)
 
 
 @dataclass
@@ -45,7 +59,7 @@ class OptimSettings:
             return torch.optim.Adam(params, lr=self.lrate, weight_decay=self.weight_decay)
         if self.opt_type == "adamw":
             return torch.optim.AdamW(params, lr=self.lrate, weight_decay=self.weight_decay)
-        raise UserError(f"opt_type '{self.opt_type}' is not supported; use sgd, adam or adamw")
+        raise UserError(f"opt_type '{self.opt_type}' is not supported; use {', '.join(OPT_TYPES)}")
 
     def schedule(self, opt):
         if self.scheduler == "multi_step" and self.milestones:
@@ -53,3 +67,25 @@ class OptimSettings:
         if self.scheduler == "cos":
             return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.epochs)
         return None
+
+
+def stage_options(suffix: str, what: str, defaults: Optional[dict] = None, notes: Optional[dict] = None,
+                  faithful: Optional[dict] = None) -> Dict[str, Option]:
+    """The Options of one stage's settings, every key of STAGE_KEYS + suffix, as `OptimSettings.from_config(cfg,
+    suffix)` reads them. `what` names the stage in the help texts; a key left out of `defaults` defaults to
+    None: the general key's value. `notes` adds to a key's help, `faithful` gives a key's paper value."""
+    defaults, notes, faithful = defaults or {}, notes or {}, faithful or {}
+    unknown = (set(defaults) | set(notes) | set(faithful)) - set(STAGE_KEYS)
+    if unknown:  # pragma: no cover - a programming error in a method's declaration
+        raise ValueError(f"stage_options: {sorted(unknown)} are not stage keys {STAGE_KEYS}")
+    options = {}
+    for key, (kind, noun, bounds) in _STAGE_KEY_SHAPES.items():
+        default = defaults.get(key)
+        extra = [notes[key]] if key in notes else []
+        if default is None:
+            extra.append(f"default: {key}")
+        text = f"{what} {noun}" + (f" ({'; '.join(extra)})" if extra else "")
+        if key in faithful:
+            bounds = dict(bounds, faithful=faithful[key])
+        options[key + suffix] = Option(kind, default, text, **bounds)
+    return options

@@ -37,14 +37,12 @@ from dynammo.data.scenario import Task
 from dynammo.errors import UserError
 from dynammo.methods import METHODS
 from dynammo.methods.base import Method
-from dynammo.optim import OptimSettings
 from dynammo.methods.frozen import (BACKBONE_EPOCHS, FrozenBackboneNet, check_backbone_can_train,
                                     no_weights_deviation, train_backbone_then_freeze)
 from dynammo.models.adapters import AdapterSet, stage_channels
 from dynammo.models.backbones import backbone_kwargs, build_backbone
 from dynammo.models.heads import min_others
-
-OPT_TYPES = ("sgd", "adam", "adamw")
+from dynammo.optim import OptimSettings, stage_options
 
 
 def others_labels(y: torch.Tensor, start: int, end: int) -> torch.Tensor:
@@ -142,13 +140,8 @@ ACL_OPTIONS = {
     "head_init": Option("str", "random", "new task head in stage 3: random (faithful) | auxiliary (a copy of "
                                          "stage 1's auxiliary head)", choices=("random", "auxiliary"),
                         faithful="random"),
-    "epochs_finetune": Option("int", None, "stage 3 (balanced head training) epochs (default: epochs)", min=1),
-    "lrate_finetune": Option("float", 1e-3, "stage 3 learning rate", min=0.0, min_open=True),
-    "opt_type_finetune": Option("str", "adam", "stage 3 optimiser", choices=OPT_TYPES),
-    "weight_decay_finetune": Option("float", 0.0, "stage 3 weight decay", min=0.0),
-    "scheduler_finetune": Option("str", "multi_step", "stage 3 learning-rate schedule",
-                                 choices=("multi_step", "cos", "none")),
-    "milestones_finetune": Option("int_list", [], "stage 3 epochs at which multi_step decays the rate", min=1),
+    **stage_options("_finetune", "stage 3 (balanced head training)", defaults=dict(
+        lrate=1e-3, opt_type="adam", weight_decay=0.0, scheduler="multi_step", milestones=[])),
 }
 
 

@@ -39,9 +39,7 @@ from dynammo.methods import METHODS
 from dynammo.methods.distill import DistillMethod, kd_options
 from dynammo.models.backbones import backbone_kwargs, build_backbone
 from dynammo.models.network import IncrementalNet
-from dynammo.optim import OptimSettings
-
-OPT_TYPES = ("sgd", "adam", "adamw")
+from dynammo.optim import OptimSettings, stage_options
 
 
 class BiasLayer(nn.Module):
@@ -89,16 +87,10 @@ class BiC(DistillMethod):
         "split_ratio": Option("float", 0.1, "share of each class's exemplars (m per class) held out for the bias "
                                             "layer: max(1, int(split_ratio * m)) images of every old and new class",
                               min=0.0, max=1.0, min_open=True, max_open=True),
-        "epochs_bias": Option("int", None, "stage 2 (bias layer) epochs (default: epochs)", min=1),
-        "lrate_bias": Option("float", None, "stage 2 learning rate (default: lrate)", min=0.0,
-                             min_open=True),
-        "opt_type_bias": Option("str", None, "stage 2 optimiser (default: opt_type)", choices=OPT_TYPES),
-        "weight_decay_bias": Option("float", 0.0, "stage 2 weight decay (0: the paper fits alpha and beta by "
-                                                  "cross-entropy alone; the reference framework keeps stage 1's)",
-                                    min=0.0, faithful=0.0),
-        "scheduler_bias": Option("str", None, "stage 2 learning-rate schedule (default: scheduler)",
-                                 choices=("multi_step", "cos", "none")),
-        "milestones_bias": Option("int_list", None, "stage 2 multi_step milestones (default: milestones)", min=1),
+        **stage_options("_bias", "stage 2 (bias layer)", defaults=dict(weight_decay=0.0),
+                        faithful=dict(weight_decay=0.0),
+                        notes=dict(weight_decay="0: the paper fits alpha and beta by cross-entropy alone; the "
+                                                "reference framework keeps stage 1's")),
     }
 
     @classmethod

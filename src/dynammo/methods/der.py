@@ -40,7 +40,7 @@ from dynammo.data.scenario import Task
 from dynammo.methods import METHODS
 from dynammo.methods.base import Method
 from dynammo.models.backbones import Backbone, backbone_kwargs, build_backbone
-from dynammo.optim import OptimSettings
+from dynammo.optim import OptimSettings, stage_options
 
 
 def old_vs_new_labels(y: torch.Tensor, start: int) -> torch.Tensor:
@@ -107,14 +107,8 @@ class DER(Method):
         "balanced_quota": Option("str", "seen", "images per class of the balanced set: seen (memory_size // n_seen, "
                                                 "the updated memory quota, as DER's authors) | old (memory_size // "
                                                 "n_old)", choices=("seen", "old"), faithful="seen"),
-        "epochs_finetune": Option("int", None, "classifier-retraining epochs (default: epochs)", min=1),
-        "lrate_finetune": Option("float", None, "classifier-retraining learning rate (default: lrate)",
-                                 min=0.0, min_open=True),
-        "opt_type_finetune": Option("str", "sgd", "classifier-retraining optimiser", choices=("sgd", "adam", "adamw")),
-        "weight_decay_finetune": Option("float", 0.0, "classifier-retraining weight decay", min=0.0),
-        "scheduler_finetune": Option("str", "multi_step", "classifier-retraining schedule",
-                                     choices=("multi_step", "cos", "none")),
-        "milestones_finetune": Option("int_list", [], "classifier-retraining multi_step milestones", min=1),
+        **stage_options("_finetune", "classifier-retraining",
+                        defaults=dict(opt_type="sgd", weight_decay=0.0, scheduler="multi_step", milestones=[])),
     }
 
     def build_network(self) -> ExpandableNet:

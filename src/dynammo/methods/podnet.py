@@ -41,7 +41,7 @@ from dynammo.methods import METHODS
 from dynammo.methods.distill import frozen_copy
 from dynammo.methods.ucir import CosineRehearsal, build_cosine_net
 from dynammo.models.cosine import CosineNet, imprinted_weights
-from dynammo.optim import OptimSettings
+from dynammo.optim import OptimSettings, stage_options
 
 
 NCA_VARIANTS = ("paper", "stable", "code")
@@ -115,12 +115,9 @@ class PODNet(CosineRehearsal):
         "freeze_old_weights": Option("bool", True, "old class proxies stay fixed while a new task trains"),
         "grad_clamp": Option("float", 5.0, "clamp every gradient element to [-v, v] (0: off)", min=0.0),
         "finetune": Option("bool", True, "class-balanced fine-tuning of the classifier after each task t >= 1"),
-        "epochs_finetune": Option("int", 20, "balanced fine-tuning epochs", min=1),
-        "lrate_finetune": Option("float", 0.05, "balanced fine-tuning learning rate", min=0.0, min_open=True),
-        "opt_type_finetune": Option("str", "sgd", "balanced fine-tuning optimiser", choices=("sgd", "adam", "adamw")),
-        "scheduler_finetune": Option("str", "none", "balanced fine-tuning schedule (the authors': constant)",
-                                     choices=("multi_step", "cos", "none")),
-        "milestones_finetune": Option("int_list", [], "balanced fine-tuning multi_step epochs", min=1),
+        **stage_options("_finetune", "balanced fine-tuning",
+                        defaults=dict(epochs=20, lrate=0.05, opt_type="sgd", scheduler="none", milestones=[]),
+                        notes=dict(scheduler="the authors': constant")),
     }
 
     @classmethod
