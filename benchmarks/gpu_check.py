@@ -313,7 +313,7 @@ def run_cli_here(argv: list, log: Path) -> tuple:
 
 def one_method_run(name: str, s: Settings, amp: str, run_dir: Path) -> dict:
     """One tiny run; raises RuntimeError with the reason when it fails its checks."""
-    from dynammo.checkpoints import available_checkpoints, load_checkpoint
+    from dynammo.run.rundir import available_checkpoints, load_checkpoint
 
     device = torch.device(s.device)
     if device.type == "cuda":
@@ -471,9 +471,10 @@ def framework_decisions(run_dir: Path, device: str):
     """(test images, class ids, confidences) of the run's last checkpoint inside the framework, on
     `device` with the run's own compute path."""
     from dynammo.assembly import quiet_console
-    from dynammo.checkpoints import available_checkpoints, load_checkpoint, read_run_config, restore_method
-    from dynammo.deploy import decision
-    from dynammo.runner import prepare
+    from dynammo.prediction import decision
+    from dynammo.run.build import prepare
+    from dynammo.run.restore import restore_method
+    from dynammo.run.rundir import available_checkpoints, load_checkpoint, read_run_config
 
     cfg = read_run_config(run_dir)
     cfg["device"] = device

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
-from dynammo.checkpoints import checkpoint_path, load_checkpoint, read_run_config
 from dynammo.console import Console
 from dynammo.metrics import ContinualMetrics
-from dynammo.runner import prepare
+from dynammo.prediction import predicted_class
+from dynammo.run.build import prepare
+from dynammo.run.rundir import checkpoint_path, load_checkpoint, read_run_config
 
 
 def per_task_accuracy(method, engine, scenario, task, batch_stats: bool) -> dict:
@@ -34,7 +35,7 @@ def per_task_accuracy(method, engine, scenario, task, batch_stats: bool) -> dict
         test = test.subset(torch.randperm(len(test), generator=torch.Generator().manual_seed(0)))
     with torch.no_grad():
         out = engine.apply(method.predict, test)
-    pred = out["pred"].long() if "pred" in out else out["logits"].argmax(1)
+    pred = predicted_class(out)
     metrics = ContinualMetrics([(t.start, t.end) for t in scenario.tasks])
     metrics.add(task.id, test.labels, pred)
     return {i + 1: round(a, 2) for i, a in enumerate(metrics.acc_matrix[0][: task.id + 1])}

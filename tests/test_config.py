@@ -11,7 +11,7 @@ from dynammo.protocols import protocol_path, shipped_method_file
 from dynammo.errors import UserError
 from dynammo.methods import METHODS
 from dynammo.methods.base import Method
-from dynammo.runner import seeds_of
+from dynammo.run import seeds_of
 
 
 # ---------------------------------------------------------------- types

@@ -276,7 +276,8 @@ def test_backbone_loads_with_pretrained_path_and_gives_the_pretraining_features(
     from dynammo.assembly import build_run
     from dynammo.configure import load_config
     from dynammo.models.backbones import build_backbone
-    from dynammo.pretrain.run import Pretraining, read_config
+    from dynammo.pretrain.command import read_config
+    from dynammo.pretrain.run import Pretraining
 
     out = simsiam_run
     summary = json.loads((out / "pretrain.json").read_text())

@@ -17,7 +17,7 @@ import yaml
 from dynammo.configure import load_config
 from dynammo.console import Console
 from dynammo.errors import UserError
-from dynammo.runner import run_single
+from dynammo.run.single import run_single
 from dynammo.sealing import DIGEST_KEY, sealed
 from method_helpers import DIGITS_8PX, QUIET, cli_args
 from test_cli_e2e import ROOT, assert_user_error, wait_for

@@ -26,7 +26,7 @@ def start_run(cfg, notices, out) -> int:
     """Run every seed; the config notices are shown once the run can start, so a run refused for bad
     input prints only its error (shared by `dynammo run` and main.py)."""
     from dynammo.console import Console
-    from dynammo.runner import run_experiment
+    from dynammo.run.experiment import run_experiment
 
     run_experiment(cfg, Path(out) if out else None, Console(progress=cfg.progress), notices)
     return 0
@@ -34,7 +34,7 @@ def start_run(cfg, notices, out) -> int:
 
 def _cmd_resume(args) -> int:
     from dynammo.console import Console
-    from dynammo.runner import resume_run
+    from dynammo.run.single import resume_run
 
     resume_run(args.run_dir, Console(progress="auto"), args.device)
     return 0
@@ -42,7 +42,7 @@ def _cmd_resume(args) -> int:
 
 def _cmd_eval(args) -> int:
     from dynammo.console import Console
-    from dynammo.runner import evaluate_checkpoint
+    from dynammo.run.evaluation import evaluate_checkpoint
 
     print_evaluation(evaluate_checkpoint(args.run_dir, args.task, Console(progress="false", quiet=True), args.device),
                      args.json)
@@ -76,7 +76,7 @@ def _cmd_cost(args) -> int:
     from dynammo.console import Console
     from dynammo.cost import format_cost_table, structure_costs
     from dynammo.cost_parts import cost_parts
-    from dynammo.runner import seeds_of
+    from dynammo.run import seeds_of
 
     overrides = list(args.overrides) + ["max_train_per_class=1", "max_test_per_class=1", "progress=false"]
     if args.device:
@@ -141,7 +141,7 @@ def _cmd_sweep(args) -> int:
 
 def _cmd_pretrain(args) -> int:
     """Self-supervised pretraining of a backbone without labels (SimSiam, MoCo-v2); see dynammo/pretrain/."""
-    from dynammo.pretrain.run import pretrain_command
+    from dynammo.pretrain.command import pretrain_command
 
     return pretrain_command(args)
 

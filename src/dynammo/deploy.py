@@ -28,22 +28,11 @@ from dynammo.data.imageset import source_aspect
 from dynammo.data.transforms import center_view
 from dynammo.errors import UserError
 from dynammo.io import write_atomic
-from dynammo.openset import headline_probs
+from dynammo.prediction import decision
 
 META_FILE = "dynammo.json"
 FORMAT = "dynammo-export-1"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
-
-
-def decision(out: dict) -> Tuple[torch.Tensor, torch.Tensor]:
-    """A method's predict output -> (class id, confidence) of its headline classifier. Min-others
-    methods (ACL, DynaMMo) give the chosen head's probability of the class; a method with its own
-    class probabilities ("probs", iCaRL's NME) those; the others the softmax of their logits. The
-    runner's ECE is of this confidence."""
-    logits = out["logits"]
-    pred = out["pred"].long() if "pred" in out else logits.argmax(1)
-    probs = out["task_il_logits"] if "task_id" in out else headline_probs(out)
-    return pred, probs.gather(1, pred.unsqueeze(1)).squeeze(1)
 
 
 class DeployedClassifier(nn.Module):
@@ -71,7 +60,8 @@ class DeployedClassifier(nn.Module):
 def export_run(run_dir, out, task=None, force: bool = False) -> dict:
     """Write the model of run_dir's checkpoint (the last, or after `task`) to `out`, atomically; an
     existing file is replaced only when it is an earlier export (or `force`). Returns the metadata."""
-    from dynammo.checkpoints import checkpoint_path, load_checkpoint, read_run_config, restore_method
+    from dynammo.run.restore import restore_method
+    from dynammo.run.rundir import checkpoint_path, load_checkpoint, read_run_config
 
     check_export_target(Path(out), force)
     cfg = read_run_config(run_dir)

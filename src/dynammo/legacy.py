@@ -72,7 +72,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 def evaluate_dir(path: Path, device: Optional[str]) -> int:
     from dynammo.cli import print_evaluation
     from dynammo.console import Console
-    from dynammo.runner import evaluate_checkpoint
+    from dynammo.run.evaluation import evaluate_checkpoint
 
     run_dir = path.parent if path.name == "checkpoints" and not (path / "config.yaml").exists() else path
     res = evaluate_checkpoint(run_dir, None, Console(progress="false", quiet=True),

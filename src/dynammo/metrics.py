@@ -22,6 +22,7 @@ Formulas of the last two: `openset.py`.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -234,3 +235,25 @@ class ContinualMetrics:
 
 
 OPENSET_KEYS = ("auroc", "fpr95", "aupr", "aupr_out")
+# a run's single numbers: summary.json's means over seeds, MLflow's final metrics
+SUMMARY_KEYS = ("avg_acc", "last_acc", "avg_acc_task_mean", "last_acc_task_mean", "avg_mcr", "last_mcr", "forgetting",
+                "bwt", "avg_ece", "last_ece")
+
+
+@dataclass(frozen=True)
+class Stat:
+    mean: float
+    std: Optional[float]  # None for one value
+    n: int
+    values: Tuple[float, ...]
+
+
+def mean_std(values: Sequence[Optional[float]]) -> Optional[Stat]:
+    """Mean and sample std (ddof=1, as papers report) of the values that are not None; None when
+    there is none."""
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return None
+    if len(set(vals)) == 1:  # exactly the mean, no rounding noise in the std
+        return Stat(vals[0], 0.0 if len(vals) > 1 else None, len(vals), tuple(vals))
+    return Stat(float(np.mean(vals)), float(np.std(vals, ddof=1)), len(vals), tuple(vals))

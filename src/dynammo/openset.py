@@ -27,6 +27,8 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
+from dynammo.prediction import headline_probs
+
 ECE_BINS = 15
 TPR_LEVEL = 0.95
 
@@ -127,12 +129,6 @@ def expected_calibration_error(confidence, correct, n_bins: int = ECE_BINS) -> f
 def max_softmax(logits: torch.Tensor) -> torch.Tensor:
     """The largest softmax probability over the seen classes (B,): the plain classifier's known-score."""
     return torch.softmax(logits.float(), dim=1).max(dim=1).values
-
-
-def headline_probs(out: dict) -> torch.Tensor:
-    """(B, n_seen) class probabilities of the headline classifier: the method's own ("probs", e.g.
-    iCaRL's NME), else the softmax of its logits."""
-    return out["probs"].float() if "probs" in out else torch.softmax(out["logits"].float(), dim=1)
 
 
 def known_score(out: dict) -> torch.Tensor:

@@ -24,6 +24,7 @@ from dynammo.config import ALIASES, OPTIONS, Config, Option, coerce
 from dynammo.config_yaml import parse_overrides, read_yaml
 from dynammo.errors import UserError
 from dynammo.registry import closest
+from dynammo.run import seeds_of
 
 SSL_METHODS = ("simsiam", "moco_v2")
 # base learning rates of the papers for a batch of 256, scaled linearly with the batch (lr = base * B / 256)
@@ -212,18 +213,14 @@ def load_pretrain_config(sources: Sequence[str] = (), overrides: Iterable[str] =
     return build_pretrain_config(compose_pretrain(list(sources), overrides, notices), notices)
 
 
-def seeds(cfg) -> List[int]:
-    return list(cfg.seed) if isinstance(cfg.seed, list) else [cfg.seed]
-
-
 def run_seed(cfg) -> int:
     """The seed the pretraining runs under (the first of a list)."""
-    return seeds(cfg)[0]
+    return seeds_of(cfg)[0]
 
 
 def holdout_seeds(cfg) -> List[int]:
     """Seeds whose test split is kept out of the pretraining images (the run's own always is)."""
-    extra = cfg.ssl_holdout_seeds if cfg.ssl_holdout_seeds is not None else seeds(cfg)
+    extra = cfg.ssl_holdout_seeds if cfg.ssl_holdout_seeds is not None else seeds_of(cfg)
     return sorted({run_seed(cfg), *extra})
 
 

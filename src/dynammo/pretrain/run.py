@@ -8,7 +8,8 @@ Exact resumption uses the run's `FitJournal` (journal.py) as `dynammo run` does:
 checkpoint holds the trained parameters, the optimiser, the epoch's sample order and every RNG,
 and `capture`/`restore` add what is not a trained parameter (BatchNorm statistics, MoCo's key
 encoder and queue, the monitor's rows), so a resumed run ends bit for bit where an uninterrupted
-one ends (on CPU).
+one ends (on CPU). The lifecycle (log.txt, SIGINT/SIGTERM, the final status) is the one of
+`dynammo run` (dynammo/run/session.py); the command's entry points are in command.py.
 
 Run directory (`--out`, default runs/pretrain_<ssl_method>_<data>_<time>/):
   config.yaml      the resolved config (lrate and moco_queue as used)
@@ -29,7 +30,6 @@ import io
 import os
 import time
 from dataclasses import asdict
-from datetime import datetime
 from pathlib import Path
 from typing import List, Optional
 
@@ -37,34 +37,30 @@ import torch
 
 from dynammo.batch import Batch
 from dynammo.compute import resolve_device
-from dynammo.config_yaml import read_yaml
 from dynammo.console import Console
 from dynammo.data.imageset import ImageSet
 from dynammo.data.transforms import BatchTransform
 from dynammo.distributed import launched_by_torchrun
 from dynammo.engine import Engine, seed_everything
-from dynammo.errors import RunInterrupted, UserError
-from dynammo.io import read_json, save_torch_atomic, write_bytes_atomic, write_json_atomic, write_text_atomic
+from dynammo.errors import UserError
+from dynammo.io import save_torch_atomic, write_bytes_atomic, write_json_atomic, write_text_atomic
 from dynammo.journal import FitJournal, rng_state
 from dynammo.models.backbones import backbone_kwargs, build_backbone
 from dynammo.optim import OptimSettings
 from dynammo.pretrain.augment import TwoViews, preset
-from dynammo.pretrain.config import (build_pretrain_config, deviations, load_pretrain_config, resolved_lrate,
-                                     run_seed)
+from dynammo.pretrain.config import deviations, resolved_lrate, run_seed
 from dynammo.pretrain.data import PretrainData, load_pretrain_data
 from dynammo.pretrain.knn import feature_spread, feature_std, knn_accuracy
 from dynammo.pretrain.models import MoCoV2, SimSiam
-from dynammo.report import RunWriter, check_run_dir, versions
+from dynammo.run.progress import versions
+from dynammo.run.rundir import RunDir
+from dynammo.run.session import run_session
+from dynammo.run.sinks.tensorboard import open_summary_writer
 
 PARTIAL, FINAL, BACKBONE_FILE, SUMMARY = "partial.pt", "final.pt", "backbone.pt", "pretrain.json"
 CSV_FIELDS = ["epoch", "loss", "knn_acc", "feature_std", "feature_spread", "embed_spread", "seconds",
               "monitor_seconds"]
 DEFAULT_QUEUE = 4096
-
-
-def default_out(cfg) -> Path:
-    data = Path(cfg.ssl_folder).name if cfg.ssl_folder else cfg.dataset
-    return Path("runs") / f"pretrain_{cfg.ssl_method}_{data}_{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
 def resolve_queue(cfg, n_images: int) -> int:
@@ -147,7 +143,8 @@ class Pretraining:
         self.seen = 0
         self.rows: List[dict] = []
         self._t0 = time.perf_counter()
-        self.writer: Optional[RunWriter] = None
+        self.writer: Optional[RunDir] = None
+        self.tb = None  # a SummaryWriter on tb/ (run)
 
     # ---- one training step ----
     def loss(self, batch: Batch):
@@ -206,7 +203,7 @@ class Pretraining:
                            f"{row['embed_spread']:.4f}")
         if self.writer is not None:
             self.write_rows()
-            tb = self.writer.tb
+            tb = self.tb
             if tb is not None:
                 for key in ("loss", "knn_acc", "feature_spread", "embed_spread"):
                     if row[key] is not None:
@@ -309,21 +306,29 @@ class Pretraining:
 
     # ---- the run ----
     def run(self, out: Path, partial: Optional[dict] = None, resume: bool = False) -> dict:
-        from dynammo.runner import stop_on_signals
-
         cfg, engine, console = self.cfg, self.engine, self.console
-        self.writer = writer = RunWriter(out, cfg, tensorboard=cfg.tensorboard, resume=resume)
-        console.attach(writer.dir / "log.txt")
-        status = "failed"
-        try:
-            def save_partial(journal_state: dict) -> None:
-                writer.save_partial({"kind": "pretrain_partial", "ssl_method": cfg.ssl_method, "backbone": cfg.backbone,
-                                     "images": len(self.data.images), "journal": journal_state, "config": dict(cfg)})
+        self.writer = writer = RunDir(out, cfg, resume=resume)
+        if resume:
+            writer.remove_stale_writes()
+        self.tb = open_summary_writer(writer.dir) if cfg.tensorboard else None
 
-            journal = FitJournal(self.capture, self.restore, save_partial)
-            if partial is not None:
-                journal.load(partial["journal"])
-            engine.attach_run(writer.tb, journal)
+        def save_partial(journal_state: dict) -> None:
+            writer.save_partial({"kind": "pretrain_partial", "ssl_method": cfg.ssl_method, "backbone": cfg.backbone,
+                                 "images": len(self.data.images), "journal": journal_state, "config": dict(cfg)})
+
+        journal = FitJournal(self.capture, self.restore, save_partial)
+        if partial is not None:
+            journal.load(partial["journal"])
+
+        def close(status: str) -> None:
+            if status != "complete":
+                self.plot()
+            if self.tb is not None:
+                self.tb.close()
+
+        with run_session(writer.dir, console, engine, journal=journal, tb=self.tb, mark=self._mark, close=close,
+                         resume_hint=lambda: f"its state is saved: continue with `dynammo pretrain --resume {writer.dir}`"
+                         ) as session:
             engine.begin_task("pretrain")
             self.describe()
             if not resume:
@@ -331,14 +336,13 @@ class Pretraining:
             write_json_atomic(writer.dir / SUMMARY, self.summary("running"))
             self.model.train()
             self._t0 = time.perf_counter()
-            with stop_on_signals(engine, console):
+            with session.stop_on_signals():
                 engine.fit(self.params, self.data.images, self.loss, self.settings, stage=cfg.ssl_method,
                            augment=False, after_step=self.after_step)
                 save_partial(journal.state(None))  # the finished fit: a kill from here on resumes at its end
             self.write_rows()
             self.finish()
             engine.end_task()
-            status = "complete"
             result = self.summary("complete")
             write_json_atomic(writer.dir / SUMMARY, result)
             writer.remove_partial()
@@ -348,18 +352,6 @@ class Pretraining:
                           f"feature spread {result['final_feature_spread']:.4f}")
             console.print(f"backbone: {writer.dir / BACKBONE_FILE} (use it with pretrained={writer.dir / BACKBONE_FILE})")
             return result
-        except RunInterrupted as exc:
-            status = "interrupted"
-            self._mark("interrupted", str(exc))
-            raise RunInterrupted(f"{exc}; its state is saved: continue with `dynammo pretrain --resume {writer.dir}`") from None
-        except UserError as exc:  # a collapse, a diverged loss, an unreadable file: what was written stays
-            self._mark("failed", str(exc))
-            raise
-        finally:
-            if status != "complete":
-                self.plot()
-            writer.close()
-            console.detach()
 
     def _mark(self, status: str, reason: str) -> None:
         try:
@@ -393,75 +385,3 @@ class Pretraining:
             "optimizer": self.engine.last_optimizer_state, "rng": rng_state(self.engine.generator),
             "rows": self.rows, "config": dict(self.cfg)})
         save_torch_atomic(d / BACKBONE_FILE, backbone_state(self.model.backbone))
-
-
-# ---------------------------------------------------------------- entry points
-
-
-def pretrain(cfg, out: Optional[Path], console: Console, device: Optional[str] = None, notices=()) -> dict:
-    """A new pretraining run; the config's notices are printed once everything it needs is built."""
-    out = Path(out) if out is not None else default_out(cfg)
-    check_run_dir(out)
-    if (out / SUMMARY).exists():
-        raise UserError(f"run directory {out} already holds a pretraining; choose another --out or remove it")
-    run = Pretraining(cfg, console, device)
-    for line in notices:
-        console.print(line)
-    return run.run(out)
-
-
-def read_config(run_dir: Path):
-    path = run_dir / "config.yaml"
-    if not (run_dir / SUMMARY).is_file() or not path.is_file():
-        raise UserError(f"{run_dir} is not the run directory of a `dynammo pretrain` (no {SUMMARY} or config.yaml); "
-                        "give its --out folder")
-    return build_pretrain_config(read_yaml(path))  # one line for damaged, hostile or non-UTF-8 YAML
-
-
-def resume_pretrain(run_dir, console: Console, device: Optional[str] = None) -> dict:
-    """Continue an interrupted pretraining from its partial checkpoint (or from the start when none
-    was written); the result equals an uninterrupted run's."""
-    run_dir = Path(run_dir)
-    cfg = read_config(run_dir)
-    summary = read_json(run_dir / SUMMARY, SUMMARY, "restore it, or if the pretraining did not finish, write {} into "
-                        "it to resume from the partial checkpoint")
-    if isinstance(summary, dict) and summary.get("status") == "complete":
-        raise UserError(f"the pretraining in {run_dir} is complete; nothing to resume (its backbone: "
-                        f"{run_dir / BACKBONE_FILE})")
-    run = Pretraining(cfg, console, device)
-    partial = None
-    path = run_dir / "checkpoints" / PARTIAL
-    if path.is_file():
-        try:
-            partial = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise UserError(f"checkpoint {path} is damaged ({exc.__class__.__name__}); delete it to start the "
-                            "pretraining again") from None
-        mine = {"kind": "pretrain_partial", "ssl_method": cfg.ssl_method, "backbone": cfg.backbone,
-                "images": len(run.data.images)}
-        theirs = {k: partial.get(k) for k in mine} if isinstance(partial, dict) else {}
-        if theirs != mine:
-            raise UserError(f"checkpoint {path} belongs to another pretraining ({theirs} vs {mine}); delete it to "
-                            "start again")
-    for stale in (run_dir / "checkpoints").glob(".*.tmp"):  # a write cut short by a kill
-        stale.unlink()
-    console.attach(run_dir / "log.txt")
-    console.print(f"resuming {run_dir}" + (" from its partial checkpoint" if partial else " from the start"))
-    console.detach()
-    return run.run(run_dir, partial, resume=True)
-
-
-def pretrain_command(args) -> int:
-    """`dynammo pretrain [-c CONFIG] [--out DIR] [--device D] [key=value ...]` and `--resume RUN_DIR`."""
-    overrides = list(args.overrides)
-    if args.resume:
-        if args.config or overrides or args.out:
-            raise UserError("--resume RUN_DIR continues a run with its own config.yaml; give no -c, --out or key=value")
-        resume_pretrain(args.resume, Console(progress="auto"), args.device)
-        return 0
-    if args.device:
-        overrides.append(f"device={args.device}")
-    notices: list = []
-    cfg = load_pretrain_config(args.config, overrides, notices)
-    pretrain(cfg, Path(args.out) if args.out else None, Console(progress=cfg.progress), notices=notices)
-    return 0

@@ -9,27 +9,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from dynammo.metrics import mean_defined, task_mean_accuracy
-from dynammo.report import diverged_stage_text
+from dynammo.metrics import Stat, mean_defined, mean_std, task_mean_accuracy
+from dynammo.run.text import diverged_stage_text
 from dynammo.reporting.discover import Run
-
-
-@dataclass(frozen=True)
-class Stat:
-    mean: float
-    std: Optional[float]  # None for one value
-    n: int
-    values: Tuple[float, ...]
-
-
-def mean_std(values: Sequence[float]) -> Optional[Stat]:
-    """Mean and sample std (ddof=1) of the values that are not None; None when there is none."""
-    vals = [float(v) for v in values if v is not None]
-    if not vals:
-        return None
-    if len(set(vals)) == 1:  # exactly the mean, no rounding noise in the std
-        return Stat(vals[0], 0.0 if len(vals) > 1 else None, len(vals), tuple(vals))
-    return Stat(float(np.mean(vals)), float(np.std(vals, ddof=1)), len(vals), tuple(vals))
 
 
 @dataclass(frozen=True)

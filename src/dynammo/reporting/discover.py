@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, List, Optional, Tuple
 
+from dynammo.run.rundir import is_complete, recorded_status
+
 # folders of a run directory that never hold a run: not walked
 _SKIP_DIRS = {"checkpoints", "tb", "plots", "figures", "__pycache__"}
 
@@ -23,11 +25,11 @@ class Run:
 
     @property
     def status(self) -> str:
-        return self.results.get("status") or "complete"  # results.json written before `status` existed
+        return recorded_status(self.results)
 
     @property
     def usable(self) -> bool:
-        return self.status == "complete"
+        return is_complete(self.results)
 
     @property
     def method(self) -> str:

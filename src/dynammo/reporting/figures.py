@@ -14,8 +14,9 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from dynammo.reporting.aggregate import (Row, Section, cost_curve, forgetting_per_task, headline_curve,
+from dynammo.reporting.aggregate import (Row, Section, build_sections, cost_curve, forgetting_per_task, headline_curve,
                                          mean_acc_matrix, per_task, summed_confusion)
+from dynammo.reporting.discover import Run
 
 FIGURE_DPI = 110
 
@@ -248,4 +249,11 @@ def forgetting_figure(section: Section) -> Optional[Figure]:
 def section_figures(section: Section) -> List[Figure]:
     figs = [accuracy_figure(section), confusion_figure(section), efficiency_figure(section, "inference_gflops"),
             efficiency_figure(section, "params_total"), acc_matrix_figure(section), forgetting_figure(section)]
+    return [f for f in figs if f is not None]
+
+
+def run_figures(run: Run) -> List[Figure]:
+    """The figures a run draws into its plots/ folder: those of a report section of this run alone."""
+    section = build_sections([run])[0]
+    figs = [accuracy_figure(section), acc_matrix_figure(section), confusion_figure(section)]
     return [f for f in figs if f is not None]

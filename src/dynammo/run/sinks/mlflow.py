@@ -1,22 +1,15 @@
-"""Experiment tracking: TensorBoard (the default) or MLflow, chosen by `tracking`.
+"""MLflow (tracking=mlflow): one MLflow run per run directory (per seed), instead of tb/.
 
-- tracking=tensorboard: tb/ in the run directory, as long as `tensorboard` is true (its older
-  on/off switch); RunWriter writes the accuracy and cost scalars, this module adds the calibration
-  and open-set ones (eval/ece, eval/openset_auroc, ...), step = the task number (1-based).
-- tracking=mlflow: one MLflow run per run directory (per seed), instead of tb/: params = the resolved
-  config (flattened, lists as JSON); metrics of each task (step = the task number, 1-based, as in
-  TensorBoard and metrics.csv) and, at the end, the run's averages (step = the number of tasks);
-  artifacts results.json, config.yaml, metrics.csv, log.txt and plots/. The store is `mlflow_uri`
-  (default: the file store mlruns/ of the working directory), the experiment `mlflow_experiment`
-  (default: the protocol's name, else "dynammo"). results.json `tracking` records the URI, the
-  experiment and the run id; `dynammo resume` continues that MLflow run.
-- tracking=none: neither.
+params = the resolved config (flattened, lists as JSON); metrics of each task (step = the task
+number, 1-based, as in TensorBoard and metrics.csv) and, at the end, the run's single numbers (step =
+the number of tasks); artifacts results.json, config.yaml, metrics.csv, log.txt and plots/. The store
+is `mlflow_uri` (default: the file store mlruns/ of the working directory), the experiment
+`mlflow_experiment` (default: the protocol's name, else "dynammo"). results.json `tracking` records the
+URI, the experiment and the run id; `dynammo resume` continues that MLflow run.
 
-The runner calls `check_tracking` before anything is built, `make_tracker(...).start` before anything
-is written (an MLflow store that cannot be reached stops the run there, in one line), `.attach` once
-the run directory's writer exists, `.log_task` after each task's results.json, and `.finish` when the
-run ends (complete or not). A tracker that fails in the middle of a run prints one line and stops
-tracking; the run goes on.
+`check_tracking` runs before anything is built, `start` before anything is written (a store that
+cannot be reached stops the run there, in one line). A failure in the middle of a run prints one line
+and stops tracking; the run goes on.
 """
 from __future__ import annotations
 
@@ -28,24 +21,14 @@ from typing import Dict, Optional
 from urllib.parse import urlparse
 
 from dynammo.errors import UserError
+from dynammo.run.sinks import Sink, TaskRecord, final_metrics, task_metrics
 
 INSTALL_HINT = "pip install 'dynammo[mlflow]'"
-# per-task lists of results.json logged as metrics of that task (step = task number)
-TASK_KEYS = ("acc", "mcr", "task_il_acc", "task_id_acc", "ece")
-OPENSET_KEYS = ("auroc", "fpr95", "aupr", "aupr_out")
-COST_KEYS = ("inference_gflops", "params_total", "params_trainable", "memory_exemplars", "memory_bytes",
-             "train_seconds", "train_images")
-# the run's single numbers, logged once at the end
-FINAL_KEYS = ("avg_acc", "last_acc", "avg_mcr", "last_mcr", "forgetting", "bwt", "avg_ece", "last_ece")
 # MLflow's limits on one param value and on one log_batch call
 MAX_PARAM_CHARS = 6000
 MAX_TAG_CHARS = 5000
 BATCH_PARAMS = 100
 MLFLOW_STATUS = {"complete": "FINISHED", "interrupted": "KILLED", "failed": "FAILED"}
-
-
-def tensorboard_on(cfg) -> bool:
-    return cfg.get("tracking", "tensorboard") == "tensorboard" and bool(cfg.get("tensorboard", True))
 
 
 def check_tracking(cfg) -> None:
@@ -56,40 +39,6 @@ def check_tracking(cfg) -> None:
         except ImportError:
             raise UserError(f"tracking=mlflow needs the mlflow package, which is not installed: {INSTALL_HINT} "
                             "(or set tracking=tensorboard)") from None
-
-
-def _number(v) -> Optional[float]:
-    return None if v is None or isinstance(v, bool) else float(v)
-
-
-def task_metrics(results: dict, j: int) -> Dict[str, float]:
-    """The metrics of task j (0-based) as results.json holds them: accuracies, calibration, open-set
-    (openset_<name>) and cost; missing and null values left out."""
-    out: Dict[str, float] = {}
-    for key in TASK_KEYS:
-        values = results.get(key) or []
-        if j < len(values) and _number(values[j]) is not None:
-            out[key] = _number(values[j])
-    openset = results.get("openset") or {}
-    for key in OPENSET_KEYS:
-        values = openset.get(key) or []
-        if j < len(values) and _number(values[j]) is not None:
-            out[f"openset_{key}"] = _number(values[j])
-    cost = results.get("cost") or []
-    if j < len(cost):
-        for key in COST_KEYS:
-            if _number(cost[j].get(key)) is not None:
-                out[key] = _number(cost[j][key])
-    return out
-
-
-def final_metrics(results: dict) -> Dict[str, float]:
-    out = {key: _number(results.get(key)) for key in FINAL_KEYS if _number(results.get(key)) is not None}
-    openset = results.get("openset") or {}
-    for key in OPENSET_KEYS:
-        if _number(openset.get(f"avg_{key}")) is not None:
-            out[f"openset_avg_{key}"] = _number(openset[f"avg_{key}"])
-    return out
 
 
 def flat_params(cfg: dict, prefix: str = "") -> Dict[str, str]:
@@ -106,39 +55,6 @@ def flat_params(cfg: dict, prefix: str = "") -> Dict[str, str]:
     return out
 
 
-class Tracker:
-    """No tracking (tracking=none, or TensorBoard off)."""
-
-    def start(self, results: dict) -> None:
-        pass
-
-    def attach(self, writer) -> None:
-        pass
-
-    def log_task(self, results: dict, j: int) -> None:
-        pass
-
-    def finish(self, results: dict, status: str) -> None:
-        pass
-
-
-class TensorBoardTracker(Tracker):
-    """The calibration and open-set scalars beside RunWriter's (it writes acc, mcr, ... to tb/)."""
-
-    tb = None
-
-    def attach(self, writer) -> None:
-        self.tb = writer.tb
-
-    def log_task(self, results: dict, j: int) -> None:
-        if self.tb is None:
-            return
-        for key, value in task_metrics(results, j).items():
-            if key == "ece" or key.startswith("openset_"):
-                self.tb.add_scalar(f"eval/{key}", value, j + 1)
-        self.tb.flush()
-
-
 def default_uri() -> str:
     return (Path.cwd() / "mlruns").resolve().as_uri()
 
@@ -148,7 +64,7 @@ def is_file_store(uri: str) -> bool:
     return scheme in ("", "file") or len(scheme) == 1  # a bare path (a Windows drive letter too)
 
 
-class MLflowTracker(Tracker):
+class MLflowSink(Sink):
     def __init__(self, cfg, run_dir: Path, console):
         self.cfg, self.dir, self.console = cfg, Path(run_dir), console
         self.client = None
@@ -188,7 +104,7 @@ class MLflowTracker(Tracker):
         self.record = {"kind": "mlflow", "uri": uri, "experiment": experiment, "run_id": self.run_id}
         results["tracking"] = dict(self.record)
 
-    def attach(self, writer) -> None:
+    def open(self) -> None:
         r = self.record
         self.console.print(f"MLflow: run {r['run_id']} of experiment '{r['experiment']}' at {r['uri']}")
 
@@ -224,15 +140,15 @@ class MLflowTracker(Tracker):
         if metrics:
             self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
 
-    def log_task(self, results: dict, j: int) -> None:
+    def task_done(self, record: TaskRecord) -> None:
         if self.client is None:
             return
         try:
-            self._log(task_metrics(results, j), j + 1)
+            self._log(task_metrics(record.results, record.task.id), record.task.id + 1)
         except Exception as exc:
             self._fail("logging", exc)
 
-    def finish(self, results: dict, status: str) -> None:
+    def close(self, results: dict, status: str) -> None:
         if self.client is None:
             return
         try:
@@ -246,11 +162,3 @@ class MLflowTracker(Tracker):
             self.client.set_terminated(self.run_id, MLFLOW_STATUS.get(status, "FAILED"))
         except Exception as exc:
             self._fail("the final upload", exc)
-
-
-def make_tracker(cfg, run_dir, console) -> Tracker:
-    if cfg.get("tracking") == "mlflow":
-        return MLflowTracker(cfg, run_dir, console)
-    if tensorboard_on(cfg):
-        return TensorBoardTracker()
-    return Tracker()

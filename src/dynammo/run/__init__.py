@@ -1,0 +1,18 @@
+"""One continual run, from config to run directory:
+- rundir: the run directory's files (config.yaml, results.json and its status, metrics.csv,
+  checkpoints) with their one writer and reader
+- build: the run's parts (data, scenario, engine, method) and the distributed world it joins
+- experiment: a seed list (one run per seed, summary.json)
+- single: a new run and the resume of an interrupted one
+- session: the lifecycle every run shares (log.txt, signals, journal, final status)
+- loop: the task loop, handing each task's record to the sinks (sinks/)
+- evaluation: the test of the seen classes after each task, and of a checkpoint
+"""
+from __future__ import annotations
+
+from typing import List
+
+
+def seeds_of(cfg) -> List[int]:
+    """The config's seeds (`dynammo run`, `sweep`, `pretrain`): `seed` is one seed or a list of them."""
+    return list(cfg.seed) if isinstance(cfg.seed, list) else [cfg.seed]
