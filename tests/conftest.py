@@ -27,81 +27,60 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------- tiers
 
-# A test's tier follows from the fixtures it uses (directly or through other fixtures), so a test
-# cannot run a subprocess or a training without leaving `unit`. The heaviest tier wins.
+# A test's tier follows from what it uses, so that no test runs a subprocess or a training in the
+# `unit` tier unnoticed: the fixtures in its closure, and the names that its own code, its fixtures'
+# code and the test-suite functions they call refer to (`subprocess` in a module-level helper, or
+# method_helpers.run_task, which trains a whole task). The heaviest tier wins. A module may also
+# mark itself (pytestmark) when neither tells.
+TIERS = ("unit", "contract", "e2e", "distributed")  # lightest first
 TIER_OF_FIXTURE = {
     "torchrun": "distributed", "spawn_processes": "distributed",
     "cli": "e2e",
     "run_in_process": "contract",
 }
-TIERS = ("unit", "contract", "e2e", "distributed")  # lightest first
+TIER_OF_NAME = {"subprocess": "e2e", "run_task": "contract"}
+TESTS_DIR = str(Path(__file__).resolve().parent)
+
+
+def names_reached(func, seen: set) -> set:
+    """The global and attribute names that `func` and the tests/ functions it refers to use."""
+    func = getattr(func, "__wrapped__", func)
+    code = getattr(func, "__code__", None)
+    if code is None or code in seen or not code.co_filename.startswith(TESTS_DIR):
+        return set()
+    seen.add(code)
+    names, stack = set(), [code]
+    while stack:  # nested functions, lambdas and comprehensions are constants of their code object
+        c = stack.pop()
+        names.update(c.co_names)
+        stack.extend(k for k in c.co_consts if hasattr(k, "co_names"))
+    for name in list(names):
+        target = func.__globals__.get(name)
+        if callable(target) and hasattr(target, "__code__"):
+            names |= names_reached(target, seen)
+    return names
+
+
+def tier_of(item) -> str:
+    tiers = {TIER_OF_FIXTURE[f] for f in item.fixturenames if f in TIER_OF_FIXTURE}
+    seen = set()
+    names = names_reached(item.function, seen) if hasattr(item, "function") else set()
+    for defs in item._fixtureinfo.name2fixturedefs.values():
+        for fixturedef in defs:
+            names |= names_reached(fixturedef.func, seen)
+    tiers |= {TIER_OF_NAME[n] for n in names if n in TIER_OF_NAME}
+    tiers |= {m.name for m in item.iter_markers() if m.name in TIERS}
+    return max(tiers, key=TIERS.index, default="unit")
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        tiers = {TIER_OF_FIXTURE[f] for f in item.fixturenames if f in TIER_OF_FIXTURE}
-        tiers |= {m.name for m in item.iter_markers() if m.name in TIERS}  # a module that marks itself
-        tier = max(tiers, key=TIERS.index, default="unit")
+        tier = tier_of(item)
+        others = [t for t in TIERS if t != tier and item.get_closest_marker(t)]
+        if others:
+            raise pytest.UsageError(f"{item.nodeid} is marked {others[0]} but is in the {tier} tier by what it uses")
         if not item.get_closest_marker(tier):
             item.add_marker(tier)
-        if len(tiers) > 1 and any(item.get_closest_marker(t) for t in tiers if t != tier):
-            raise pytest.UsageError(f"{item.nodeid} is marked with several tiers: {sorted(tiers)}")
-
-
-def _shared_data_dir() -> Path:
-    env = os.environ.get("DYNAMMO_SHARED_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """../shared/data (or $DYNAMMO_SHARED_DATA); skips the test when the folder is missing."""
-    root = _shared_data_dir()
-    if not root.is_dir():
-        pytest.skip(f"real data folder {root} is absent (set DYNAMMO_SHARED_DATA to the folder holding "
-                    "mednist.tar.gz and the MedMNIST fixtures)")
-    return root
-
-
-@pytest.fixture(scope="session")
-def shared_file(shared_data):
-    """shared_file(name) -> path of a real data file; skips the test when it is absent."""
-
-    def get(name: str) -> Path:
-        path = shared_data / name
-        if not path.is_file():
-            pytest.skip(f"real data file {path} is absent")
-        return path
-
-    return get
-
-
-@pytest.fixture
-def single_thread():
-    """Run a test's tensor ops on one thread (method_helpers.one_thread)."""
-    from method_helpers import one_thread
-
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def single_thread_module():
-    """single_thread for a whole module (hypothesis refuses function-scoped fixtures under @given)."""
-    from method_helpers import one_thread
-
-    with one_thread():
-        yield
-
-
-@pytest.fixture
-def make_cfg():
-    """make_cfg(key=value, ...) -> a validated Config on top of the framework defaults."""
-
-    def make(**kw):
-        return build_config(kw)
-
-    return make
 
 
 # ---------------------------------------------------------------- image files
