@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # A test's tier follows from what it uses, so that no test runs a subprocess or a training in the
 # `unit` tier unnoticed: the fixtures in its closure, and the names that its own code, its fixtures'
-# code and the test-suite functions they call refer to (`subprocess` in a module-level helper, or
-# method_helpers.run_task, which trains a whole task). The heaviest tier wins. A module may also
+# code and the test-suite functions they call refer to (`subprocess` in a module-level helper;
+# method_helpers.run_task, which trains a whole task; a Pretraining, which trains). The heaviest tier wins. A module may also
 # mark itself (pytestmark) when neither tells.
 TIERS = ("unit", "contract", "e2e", "distributed")  # lightest first
 TIER_OF_FIXTURE = {
@@ -38,7 +38,7 @@ TIER_OF_FIXTURE = {
     "cli": "e2e",
     "run_in_process": "contract",
 }
-TIER_OF_NAME = {"subprocess": "e2e", "run_task": "contract"}
+TIER_OF_NAME = {"subprocess": "e2e", "run_task": "contract", "Pretraining": "contract"}
 TESTS_DIR = str(Path(__file__).resolve().parent)
 
 
