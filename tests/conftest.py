@@ -83,6 +83,65 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(tier)
 
 
+# ---------------------------------------------------------------- data, configs, threads
+
+
+def _shared_data_dir() -> Path:
+    env = os.environ.get("DYNAMMO_SHARED_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data (or $DYNAMMO_SHARED_DATA); skips the test when the folder is missing."""
+    root = _shared_data_dir()
+    if not root.is_dir():
+        pytest.skip(f"real data folder {root} is absent (set DYNAMMO_SHARED_DATA to the folder holding "
+                    "mednist.tar.gz and the MedMNIST fixtures)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def shared_file(shared_data):
+    """shared_file(name) -> path of a real data file; skips the test when it is absent."""
+
+    def get(name: str) -> Path:
+        path = shared_data / name
+        if not path.is_file():
+            pytest.skip(f"real data file {path} is absent")
+        return path
+
+    return get
+
+
+@pytest.fixture
+def single_thread():
+    """Run a test's tensor ops on one thread (method_helpers.one_thread)."""
+    from method_helpers import one_thread
+
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def single_thread_module():
+    """single_thread for a whole module (hypothesis refuses function-scoped fixtures under @given)."""
+    from method_helpers import one_thread
+
+    with one_thread():
+        yield
+
+
+@pytest.fixture
+def make_cfg():
+    """make_cfg(key=value, ...) -> a validated Config on top of the framework defaults."""
+
+    def make(**kw):
+        return build_config(kw)
+
+    return make
+
+
 # ---------------------------------------------------------------- image files
 
 
