@@ -7,7 +7,8 @@ import torch.nn as nn
 import torchvision
 
 from dynammo.errors import UserError
-from dynammo.models.backbones import BACKBONES, build_backbone, load_pretrained
+from dynammo.models.backbones import BACKBONES, build_backbone
+from dynammo.models.backbones.base import load_pretrained
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -78,7 +79,7 @@ def test_stage_hook_output_is_used():
 
 
 def test_cifar_resnet_depth_must_be_6n_plus_2():
-    from dynammo.models.backbones import CifarResNet
+    from dynammo.models.backbones.resnet import CifarResNet
 
     with pytest.raises(ValueError):
         CifarResNet(21)
@@ -216,7 +217,7 @@ def test_pretrained_false_and_unknown_backbone():
 
 
 def test_channels_last_maxpool_equals_torch_maxpool_values_and_gradients():
-    from dynammo.models.backbones import MaxPool2dNHWC
+    from dynammo.models.backbones.resnet import MaxPool2dNHWC
 
     x = torch.randn(2, 8, 15, 15, requires_grad=True)
     ref, fast = nn.MaxPool2d(3, 2, 1), MaxPool2dNHWC(3, 2, 1)

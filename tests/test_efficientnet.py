@@ -17,7 +17,7 @@ from dynammo.errors import UserError
 from dynammo.methods import METHODS
 from dynammo.metrics import ContinualMetrics
 from dynammo.run.evaluation import evaluate
-from dynammo.models import efficientnet as eff
+from dynammo.models.backbones import efficientnet as eff
 from dynammo.models.backbones import build_backbone
 from method_helpers import make_method, needs_vit, one_thread, run_task
 from test_deploy import check_export_equals_framework

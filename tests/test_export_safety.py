@@ -272,7 +272,7 @@ def test_pretrained_file_with_pickled_code_is_refused(cli, tmp_path):
                       "cannot be loaded")
     assert not marker.exists() and not (tmp_path / "run").exists()
     from dynammo.errors import UserError
-    from dynammo.models.vit import read_vit_state_dict
+    from dynammo.models.backbones.vit import read_vit_state_dict
 
     with pytest.raises(UserError, match="cannot be loaded"):  # a ViT's .pth goes through the same reader
         read_vit_state_dict(evil)

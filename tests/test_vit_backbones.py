@@ -12,7 +12,7 @@ from timm.models.vision_transformer import VisionTransformer
 from dynammo.cost import count_flops
 from dynammo.errors import UserError
 from dynammo.models.backbones import BACKBONES, backbone_kwargs, build_backbone
-from dynammo.models.vit import ViTBackbone, is_vit, split_name
+from dynammo.models.backbones.vit import ViTBackbone, is_vit, split_name
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -1,8 +1,11 @@
-"""A small name -> factory registry (methods, datasets, backbones), with aliases."""
+"""A small name -> factory registry (methods, datasets, backbones), with aliases, and the one way its
+entries get there: every module of the package registers itself when `register_modules` imports it."""
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Dict, Generic, Iterator, TypeVar
+import importlib
+import pkgutil
+from typing import Callable, Dict, Generic, Iterable, Iterator, TypeVar
 
 from dynammo.errors import UserError
 
@@ -57,3 +60,11 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+def register_modules(package: str, path: Iterable[str], helpers: Iterable[str] = ()) -> None:
+    """Import every module of a package but its `helpers` (what several entries share), by name: each
+    registers its entries, so a new file needs no edit of a list."""
+    found = {m.name for m in pkgutil.iter_modules(path) if not m.name.startswith("_")} - set(helpers)
+    for name in sorted(found):
+        importlib.import_module(f"{package}.{name}")

@@ -94,7 +94,7 @@ class Method:
     def check_config(cls, cfg, num_classes: int) -> None:
         need, alternative = cls.backbone_needs(cfg)
         if need and not backbone_has_stages(cfg.backbone):
-            from dynammo.models.vit import no_stages_message
+            from dynammo.models.backbones.vit import no_stages_message
 
             raise UserError(no_stages_message(cfg.backbone, f"method '{cfg.method}' needs {need}", alternative))
         if cls.uses_memory:

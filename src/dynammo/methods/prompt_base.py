@@ -33,7 +33,7 @@ from dynammo.methods.base import Method
 from dynammo.methods.frozen import (BACKBONE_EPOCHS, FrozenBackboneNet, check_backbone_can_train,
                                     no_weights_deviation, train_backbone_then_freeze)
 from dynammo.models.backbones import backbone_kwargs, build_backbone
-from dynammo.models.vit import is_vit
+from dynammo.models.backbones.vit import is_vit
 from dynammo.models.heads import IncrementalLinear
 from dynammo.models.prompting import query_features
 from dynammo.optim import OptimSettings

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from dynammo.models.backbones import _CifarBlock
+from dynammo.models.backbones.resnet import _CifarBlock
 from dynammo.pretrain.losses import KeyQueue, info_nce, momentum_update_, simsiam_loss
 
 

@@ -4,12 +4,11 @@ Class ids always come from sorted class names, never from the order a directory 
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 from dynammo.data.imageset import ImageSet
-from dynammo.registry import Registry
+from dynammo.registry import Registry, register_modules
 
 DATASETS: Registry = Registry("dataset")
 LAYOUTS: Dict[str, str] = {}  # dataset name -> the on-disk layout it reads, in one line (`dynammo list`)
@@ -46,6 +45,5 @@ class RawDataset:
     split: str = "official"  # how train and test were made (recorded in results.json and the log)
 
 
-for _module in ("digits", "mednist", "medmnist", "cifar", "folder", "csv_list", "path16", "skin7", "skin8", "skin40",
-                "imagenet", "imagenet_r", "tinyimagenet", "cub200"):
-    importlib.import_module(f"dynammo.data.datasets.{_module}")
+# every module of this package is a dataset source (a new file registers itself), but what several share
+register_modules(__name__, __path__, helpers=("files", "medical"))

