@@ -325,6 +325,29 @@ def tiny_run(tmp_path_factory, run_in_process):
     return get
 
 
+@pytest.fixture(scope="session")
+def runs(run_in_process, tmp_path_factory):
+    """Real runs for the report tests (tests/test_report_*.py), made once: root/cmp/{finetune,replay}:
+    seed lists [0, 1]; root/other/finetune: seed 0 with max_train_per_class=10. Read-only."""
+    from method_helpers import tiny_run_args
+
+    root = tmp_path_factory.mktemp("report_runs")
+    for out, name, kw in [(root / "cmp" / "finetune", "finetune", {"seed": "[0,1]"}),
+                          (root / "cmp" / "replay", "replay", {"seed": "[0,1]"}),
+                          (root / "other" / "finetune", "finetune", {"max_train_per_class": 10})]:
+        assert run_in_process("run", "--out", out, *tiny_run_args(name, **kw)) == 0
+    return root
+
+
+@pytest.fixture(scope="session")
+def report(cli, runs, tmp_path_factory):
+    """(folder, process) of the full report of both `runs` folders, as `dynammo report` writes it."""
+    out = tmp_path_factory.mktemp("reports") / "report"
+    proc = cli("report", str(runs / "cmp"), str(runs / "other"), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    return out, proc
+
+
 # ---------------------------------------------------------------- unsorted directory listings
 
 
