@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dynammo.pretrain.augment import TwoViews, crop_boxes, crop_flip_resize, hsv_to_rgb, preset, rgb_to_hsv
+from dynammo.data.crops import crop_boxes, crop_flip_resize
+from dynammo.pretrain.augment import TwoViews, hsv_to_rgb, preset, rgb_to_hsv
 from dynammo.pretrain.knn import feature_spread, feature_std, knn_accuracy, knn_predict
 from dynammo.pretrain.losses import KeyQueue, info_nce, momentum_update_, negative_cosine, simsiam_loss
 from dynammo.pretrain.models import MoCoV2

@@ -20,7 +20,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from dynammo.pretrain.augment import crop_boxes, crop_flip_resize
+from dynammo.data.crops import crop_boxes, crop_flip_resize
 
 RESIZED_CROP_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop defaults, as the prompt methods' code
 RESIZED_CROP_RATIO = (3 / 4, 4 / 3)
