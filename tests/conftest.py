@@ -29,16 +29,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # A test's tier follows from what it uses, so that no test runs a subprocess or a training in the
 # `unit` tier unnoticed: the fixtures in its closure, and the names that its own code, its fixtures'
-# code and the test-suite functions they call refer to (`subprocess` in a module-level helper;
-# method_helpers.run_task, which trains a whole task; a Pretraining, which trains). The heaviest tier wins. A module may also
+# code and the test-suite functions they call refer to (`subprocess` in a module-level helper; an
+# entry point that trains: method_helpers.run_task, Engine.fit, run_single, a Pretraining). The heaviest tier wins. A module may also
 # mark itself (pytestmark) when neither tells.
 TIERS = ("unit", "contract", "e2e", "distributed")  # lightest first
 TIER_OF_FIXTURE = {
     "torchrun": "distributed", "spawn_processes": "distributed",
-    "cli": "e2e",
+    "cli": "e2e", "shared_data": "e2e",  # the real data of ../shared/data: whole datasets read
     "run_in_process": "contract",
 }
-TIER_OF_NAME = {"subprocess": "e2e", "run_task": "contract", "Pretraining": "contract"}
+# the subprocess module, and the entry points that train in this process
+TIER_OF_NAME = {"subprocess": "e2e", "run_task": "contract", "run_single": "contract", "resume_run": "contract",
+                "Pretraining": "contract", "fit": "contract"}
 TESTS_DIR = str(Path(__file__).resolve().parent)
 
 

@@ -2,7 +2,6 @@
 does not rot), and its step machinery (failures recorded, later steps still run, the budget)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import sys
@@ -15,17 +14,10 @@ from method_helpers import needs_vit
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
+sys.path.insert(0, str(SCRIPT.parent))  # where the script finds its steps package
 
-
-def load_gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu_check = load_gpu_check()
+from gpu_check_steps.common import STEP_NAMES, Check, Settings, Step, now, row_status  # noqa: E402
+from gpu_check_steps.methods import matrix_gap, method_protocol, method_run_args, step_methods  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +39,7 @@ def test_dry_run_runs_every_registered_method_and_records_the_failed_step(dry_ru
     proc, record, md = dry_run
     assert proc.returncode == 1, proc.stderr[-3000:]  # one step failed (on purpose): exit status 1
     assert record["mode"] == "dry-run" and record["environment"]["device"] == "cpu"
-    assert [st["name"] for st in record["steps"]] == list(gpu_check.STEP_NAMES)
+    assert [st["name"] for st in record["steps"]] == list(STEP_NAMES)
     steps = steps_of(record)
     assert record["summary"] == {"ok": 4, "failed": 1, "skipped": 0}
 
@@ -106,12 +98,12 @@ def fake_step(name, rows=None, error=None, min_s=0.0):
             raise error
         return rows
 
-    return gpu_check.Step(name, f"fake {name}", 1.0, run, min_s)
+    return Step(name, f"fake {name}", 1.0, run, min_s)
 
 
 def test_a_failing_step_is_recorded_with_its_reason_and_the_next_steps_still_run(tmp_path):
-    settings = gpu_check.Settings(out=str(tmp_path), device="cpu", budget_s=60, steps=["a", "b", "c", "d"], fail="c")
-    check = gpu_check.Check(settings)
+    settings = Settings(out=str(tmp_path), device="cpu", budget_s=60, steps=["a", "b", "c", "d"], fail="c")
+    check = Check(settings)
     record = check.run([fake_step("a", error=ValueError("broken\nsecond line")),
                         fake_step("b", rows=[{"name": "x", "status": "ok"}, {"name": "y", "status": "failed",
                                                                              "reason": "bad y"}]),
@@ -128,8 +120,8 @@ def test_a_failing_step_is_recorded_with_its_reason_and_the_next_steps_still_run
 
 
 def test_steps_that_no_longer_fit_the_budget_are_skipped(tmp_path):
-    settings = gpu_check.Settings(out=str(tmp_path), device="cpu", budget_s=30, steps=["a", "b"])
-    record = gpu_check.Check(settings).run([fake_step("a", rows=[{"name": "x", "status": "ok"}]),
+    settings = Settings(out=str(tmp_path), device="cpu", budget_s=30, steps=["a", "b"])
+    record = Check(settings).run([fake_step("a", rows=[{"name": "x", "status": "ok"}]),
                                             fake_step("b", rows=[{"name": "y", "status": "ok"}], min_s=120)])
     steps = steps_of(record)
     assert steps["a"]["status"] == "ok"
@@ -139,24 +131,25 @@ def test_steps_that_no_longer_fit_the_budget_are_skipped(tmp_path):
 
 def test_a_step_whose_rows_were_all_skipped_is_skipped():
     rows = [{"name": "x", "status": "skipped", "reason": "memory: 4 GiB free"}]
-    assert gpu_check.row_status(rows) == ("skipped", "memory: 4 GiB free")
-    assert gpu_check.row_status(rows + [{"name": "y", "status": "ok"}]) == ("ok", "1 of 2 skipped (memory: 4 GiB free)")
+    assert row_status(rows) == ("skipped", "memory: 4 GiB free")
+    assert row_status(rows + [{"name": "y", "status": "ok"}]) == ("ok", "1 of 2 skipped (memory: 4 GiB free)")
 
 
 def test_matrix_gap_compares_the_entries_both_matrices_define():
     a = [[90.0, None], [80.0, 70.0]]
     b = [[85.0, None], [80.0, 76.0]]
-    assert gpu_check.matrix_gap(a, b) == (6.0, pytest.approx(11.0 / 3))
+    assert matrix_gap(a, b) == (6.0, pytest.approx(11.0 / 3))
 
 
 def test_each_method_runs_its_shipped_protocol_with_every_stage_cut_short():
-    assert gpu_check.method_protocol("l2p") == "digits_vit"
-    assert gpu_check.method_protocol("replay") == "digits"
-    args = gpu_check.method_run_args("acl", gpu_check.Settings(out="x", epochs=2), "false")
+    assert method_protocol("l2p") == "digits_vit"
+    assert method_protocol("replay") == "digits"
+    args = method_run_args("acl", Settings(out="x", epochs=2), "false")
     assert args[:4] == ["-c", "digits", "-c", "acl"]
     assert {"epochs=2", "epochs_finetune=2", "backbone_epochs=2", "amp=false", "device=cuda"} <= set(args)
 
 
+@pytest.mark.e2e  # its worker process is started inside gpu_check, out of the tier rules' sight
 def test_methods_without_a_usable_device_fail_each_with_the_reason(tmp_path):
     """A worker that cannot start (device cuda on a machine without one) fails every method with its
     reason at once instead of being started again per method."""
@@ -164,10 +157,10 @@ def test_methods_without_a_usable_device_fail_each_with_the_reason(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    settings = gpu_check.Settings(out=str(tmp_path), device="cuda", budget_s=120, methods=["replay", "finetune"])
-    check = gpu_check.Check(settings)
+    settings = Settings(out=str(tmp_path), device="cuda", budget_s=120, methods=["replay", "finetune"])
+    check = Check(settings)
     try:
-        rows = gpu_check.step_methods(check, gpu_check.now() + 120)
+        rows = step_methods(check, now() + 120)
     finally:
         shutil.rmtree(check.work)
     assert [r["name"] for r in rows] == ["replay", "finetune"]

@@ -48,13 +48,14 @@ def test_no_shipped_method_file_sets_a_protocol_key():
 def test_every_method_gets_the_protocol_values_unchanged(name):
     """The protocol's keys are the same whichever method runs (the mednist_cpu drift: 200 vs 300)."""
     protocol = read_protocol(name)
+    replay = load_config([name, "replay"])
     for method in METHODS.names():
         notes: list = []
         cfg = load_config([name, method], notices=notes)
         assert cfg.protocol == name and cfg.method == method
         for key in PROTOCOL_KEYS:
             if key in protocol:
-                assert cfg[key] == load_config([name, "replay"])[key], (method, key)
+                assert cfg[key] == replay[key], (method, key)
         assert not protocol_record(cfg)["departs"], (method, protocol_record(cfg)["departs"])
         assert not [n for n in notes if "protocol key" in n], notes
 
