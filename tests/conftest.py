@@ -30,8 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # A test's tier follows from what it uses, so that no test runs a subprocess or a training in the
 # `unit` tier unnoticed: the fixtures in its closure, and the names that its own code, its fixtures'
 # code and the test-suite functions they call refer to (`subprocess` in a module-level helper; an
-# entry point that trains: method_helpers.run_task, Engine.fit, run_single, a Pretraining). The heaviest tier wins. A module may also
-# mark itself (pytestmark) when neither tells.
+# entry point that trains: method_helpers.run_task, Engine.fit, run_single, a Pretraining). The
+# heaviest tier wins. Where neither tells (a subprocess started inside the code under test), the test
+# or its module carries the tier's marker.
 TIERS = ("unit", "contract", "e2e", "distributed")  # lightest first
 TIER_OF_FIXTURE = {
     "torchrun": "distributed", "spawn_processes": "distributed",
