@@ -19,7 +19,7 @@ from dynammo.console import Console
 from dynammo.metrics import ContinualMetrics
 from dynammo.prediction import predicted_class
 from dynammo.run.build import prepare
-from dynammo.run.rundir import checkpoint_path, load_checkpoint, read_run_config
+from dynammo.rundir import checkpoint_path, load_checkpoint, read_run_config
 
 
 def per_task_accuracy(method, engine, scenario, task, batch_stats: bool) -> dict:

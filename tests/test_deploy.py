@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from dynammo.run.restore import restore_method
-from dynammo.run.rundir import load_checkpoint, read_run_config
 from dynammo.console import Console
 from dynammo.data.imageset import ImageSet
 from dynammo.deploy import DeployedClassifier, load_exported
 from dynammo.prediction import decision
 from dynammo.run.build import prepare
+from dynammo.run.restore import restore_method
+from dynammo.rundir import load_checkpoint, read_run_config
 from test_cli_e2e import SHARED, assert_user_error, needs_mednist
 
 SMALL = ["epochs=1", "batch_size=32", "progress=false", "plots=false", "tensorboard=false"]

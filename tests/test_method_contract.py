@@ -27,8 +27,6 @@ import pytest
 import torch
 import yaml
 
-from dynammo.run.restore import restore_method
-from dynammo.run.rundir import available_checkpoints, load_checkpoint, read_run_config
 from dynammo.cli import main
 from dynammo.console import Console
 from dynammo.deploy import export_run
@@ -39,6 +37,8 @@ from dynammo.metrics import ContinualMetrics
 from dynammo.protocols import RESULT_NEUTRAL_KEYS
 from dynammo.run.build import prepare
 from dynammo.run.evaluation import evaluate, evaluate_checkpoint
+from dynammo.run.restore import restore_method
+from dynammo.rundir import available_checkpoints, load_checkpoint, read_run_config
 
 import method_helpers
 from method_helpers import run_task

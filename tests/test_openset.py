@@ -246,7 +246,7 @@ def test_the_recorded_metrics_are_those_of_the_checkpoints_predictions(tiny_run,
     """From each task's checkpoint, by plain loops and scikit-learn: the accuracy, the ECE and the
     open-set metrics results.json recorded. For iCaRL they are the headline NME classifier's, not
     its CNN head's (whose predictions differ from NME's in this run)."""
-    from dynammo.run.rundir import load_checkpoint, read_run_config
+    from dynammo.rundir import load_checkpoint, read_run_config
     from dynammo.console import Console
     from dynammo.run.build import prepare
 
@@ -313,7 +313,7 @@ def test_the_recorded_metrics_are_those_of_the_checkpoints_predictions(tiny_run,
 def test_accuracy_and_training_are_the_same_with_open_set_evaluation_off(run_in_process, tiny_run, tmp_path):
     """eval_openset=false: bit for bit the same accuracies, cost (FLOPs, parameters, images) and
     trained weights; only the open-set block is gone (ECE stays: it needs no extra pass)."""
-    from dynammo.run.rundir import load_checkpoint
+    from dynammo.rundir import load_checkpoint
     from dynammo.cli import main
     from method_helpers import tiny_run_args
 

@@ -12,7 +12,7 @@ from dynammo.configure import load_config
 from dynammo.console import Console
 from dynammo.errors import UserError
 from dynammo.reporting.discover import discover
-from dynammo.run.rundir import check_run_dir, run_status
+from dynammo.rundir import check_run_dir, run_status
 from dynammo.run.single import resume_run, run_single
 from method_helpers import DIGITS_8PX, QUIET, cli_args
 

@@ -61,7 +61,7 @@ def export_run(run_dir, out, task=None, force: bool = False) -> dict:
     """Write the model of run_dir's checkpoint (the last, or after `task`) to `out`, atomically; an
     existing file is replaced only when it is an earlier export (or `force`). Returns the metadata."""
     from dynammo.run.restore import restore_method
-    from dynammo.run.rundir import checkpoint_path, load_checkpoint, read_run_config
+    from dynammo.rundir import checkpoint_path, load_checkpoint, read_run_config
 
     check_export_target(Path(out), force)
     cfg = read_run_config(run_dir)

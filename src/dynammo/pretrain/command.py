@@ -13,7 +13,7 @@ from dynammo.errors import UserError
 from dynammo.io import read_json
 from dynammo.pretrain.config import build_pretrain_config, load_pretrain_config
 from dynammo.pretrain.run import BACKBONE_FILE, PARTIAL, SUMMARY, Pretraining
-from dynammo.run.rundir import check_run_dir
+from dynammo.rundir import check_run_dir
 
 
 def default_out(cfg) -> Path:

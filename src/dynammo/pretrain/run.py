@@ -53,9 +53,9 @@ from dynammo.pretrain.data import PretrainData, load_pretrain_data
 from dynammo.pretrain.knn import feature_spread, feature_std, knn_accuracy
 from dynammo.pretrain.models import MoCoV2, SimSiam
 from dynammo.run.progress import versions
-from dynammo.run.rundir import RunDir
 from dynammo.run.session import run_session
 from dynammo.run.sinks.tensorboard import open_summary_writer
+from dynammo.rundir import RunDir
 
 PARTIAL, FINAL, BACKBONE_FILE, SUMMARY = "partial.pt", "final.pt", "backbone.pt", "pretrain.json"
 CSV_FIELDS = ["epoch", "loss", "knn_acc", "feature_std", "feature_spread", "embed_spread", "seconds",

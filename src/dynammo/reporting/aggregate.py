@@ -10,7 +10,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from dynammo.metrics import Stat, mean_defined, mean_std, task_mean_accuracy
-from dynammo.run.text import diverged_stage_text
+from dynammo.reporting.text import diverged_stage_text
 from dynammo.reporting.discover import Run
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, List, Optional, Tuple
 
-from dynammo.run.rundir import is_complete, recorded_status
+from dynammo.rundir import is_complete, recorded_status
 
 # folders of a run directory that never hold a run: not walked
 _SKIP_DIRS = {"checkpoints", "tb", "plots", "figures", "__pycache__"}

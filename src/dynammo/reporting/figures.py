@@ -255,5 +255,6 @@ def section_figures(section: Section) -> List[Figure]:
 def run_figures(run: Run) -> List[Figure]:
     """The figures a run draws into its plots/ folder: those of a report section of this run alone."""
     section = build_sections([run])[0]
-    figs = [accuracy_figure(section), acc_matrix_figure(section), confusion_figure(section)]
+    title = f"{run.label} on {run.results.get('dataset')} (seed {run.seed}): {section.metric} after each task"
+    figs = [accuracy_figure(section, title), acc_matrix_figure(section), confusion_figure(section)]
     return [f for f in figs if f is not None]

@@ -1,6 +1,5 @@
-"""One continual run, from config to run directory:
-- rundir: the run directory's files (config.yaml, results.json and its status, metrics.csv,
-  checkpoints) with their one writer and reader
+"""One continual run, from config to run directory (whose files, with their one writer and reader
+and the rule for "complete", are dynammo/rundir.py, below this package and `dynammo report`):
 - build: the run's parts (data, scenario, engine, method) and the distributed world it joins
 - experiment: a seed list (one run per seed, summary.json)
 - single: a new run and the resume of an interrupted one

@@ -69,7 +69,7 @@ def open_set(cfg, method, engine, scenario, task, seen_out: dict) -> Optional[di
 def evaluate_checkpoint(run_dir, task: Optional[int], console: Console, device: Optional[str] = None) -> dict:
     """Recompute the metrics after `task` (1-based; default: the last checkpoint) from its checkpoint."""
     from dynammo.run.build import prepare
-    from dynammo.run.rundir import RESULTS, check_same_run, checkpoint_path, load_checkpoint, read_run_config, run_header
+    from dynammo.rundir import RESULTS, check_same_run, checkpoint_path, load_checkpoint, read_run_config, run_header
 
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)

@@ -12,8 +12,8 @@ from dynammo.io import write_json_atomic
 from dynammo.metrics import OPENSET_KEYS, SUMMARY_KEYS, mean_std
 from dynammo.run import seeds_of
 from dynammo.run.build import join_world
-from dynammo.run.rundir import default_run_dir
 from dynammo.run.single import run_single
+from dynammo.rundir import default_run_dir
 
 
 def run_experiment(cfg: Config, out: Optional[Path], console: Console, notices: Sequence[str] = ()) -> List[dict]:

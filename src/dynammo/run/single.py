@@ -14,9 +14,6 @@ from dynammo.run.build import join_world, prepare
 from dynammo.run.evaluation import label_scores
 from dynammo.run.loop import train_all_tasks
 from dynammo.run.progress import Progress
-from dynammo.run.rundir import (PARTIAL, MutedRunDir, RunDir, available_checkpoints, check_resume_config,
-                                check_run_dir, check_same_run, load_checkpoint, read_results_to_resume,
-                                read_run_config, run_header)
 from dynammo.run.session import run_session
 from dynammo.run.sinks import Sink
 from dynammo.run.sinks.console import ConsoleSink
@@ -24,6 +21,9 @@ from dynammo.run.sinks.mlflow import MLflowSink, check_tracking
 from dynammo.run.sinks.ranks import RankDigests
 from dynammo.run.sinks.rundir import RunDirSink
 from dynammo.run.sinks.tensorboard import TensorBoardSink, tensorboard_on
+from dynammo.rundir import (PARTIAL, MutedRunDir, RunDir, available_checkpoints, check_resume_config,
+                                check_run_dir, check_same_run, load_checkpoint, read_results_to_resume,
+                                read_run_config, run_header)
 
 
 def tracking_sinks(cfg, run_dir: Path, console: Console) -> List[Sink]:

@@ -7,8 +7,8 @@ from typing import Optional
 import numpy as np
 
 from dynammo.console import Console
+from dynammo.reporting.text import format_table
 from dynammo.run.sinks import Sink, TaskRecord
-from dynammo.run.text import format_table
 
 
 class ConsoleSink(Sink):

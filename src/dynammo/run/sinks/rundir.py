@@ -9,8 +9,8 @@ import numpy as np
 from dynammo.io import write_bytes_atomic
 from dynammo.journal import rng_state
 from dynammo.run.restore import scenario_record
-from dynammo.run.rundir import RunDir
 from dynammo.run.sinks import Sink, TaskRecord
+from dynammo.rundir import RunDir
 
 
 class RunDirSink(Sink):
