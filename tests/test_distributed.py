@@ -21,10 +21,11 @@ import torch
 from dynammo.batch import Batch
 from dynammo.distributed import World, state_digest
 from dynammo.methods.acl import heads_loss
+from method_helpers import QUIET, cli_args
 from test_cli_e2e import ROOT, wait_for
 
-TINY = ["dataset=digits", "init_cls=4", "increment=3", "max_train_per_class=9", "batch_size=7",
-        "memory_size=20", "progress=false", "plots=false", "tensorboard=false", "amp=false", "eval_openset=false"]
+TINY = cli_args({"dataset": "digits", "init_cls": 4, "increment": 3, "max_train_per_class": 9, "batch_size": 7,
+                 "memory_size": 20}, QUIET, amp="false", eval_openset="false")
 # BatchNorm trains in every ResNet case: each process normalises its slice with the global batch's statistics
 RESNET = ["backbone=resnet20", "img_size=8"]
 # LayerNorm: no collective inside the step, and a process with an empty slice skips it

@@ -19,7 +19,7 @@ from dynammo.metrics import ContinualMetrics
 from dynammo.run.evaluation import evaluate
 from dynammo.models.backbones import efficientnet as eff
 from dynammo.models.backbones import build_backbone
-from method_helpers import make_method, needs_vit, one_thread, run_task
+from method_helpers import TINY, make_method, needs_vit, one_thread, run_task
 from test_deploy import check_export_equals_framework
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -130,8 +130,8 @@ def test_auto_normalisation_is_the_weights_own():
 
 # ---------------------------------------------------------------- every method on it
 
-FROZEN_TINY = dict(dataset="digits", backbone="efficientnet_lite0", img_size=64, init_cls=2, increment=2, epochs=1,
-                   batch_size=8, max_train_per_class=4, memory_size=20, seed=0, progress="false", augment=False)
+FROZEN_TINY = dict(TINY, backbone="efficientnet_lite0", img_size=64, init_cls=2, increment=2, batch_size=8,
+                   max_train_per_class=4, memory_size=20)
 
 
 FROZEN_METHOD_KEYS = {"gem": {"opt_mom": 0.0}}  # GEM steps along its projection: plain SGD
