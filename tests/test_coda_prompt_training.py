@@ -18,7 +18,7 @@ from dynammo.methods.coda_prompt import CODAPrompt, gram_schmidt
 from dynammo.models.prompting import query_features
 from dynammo.optim import OptimSettings
 from method_helpers import snapshot
-from test_coda_prompt import batch_of, grown, images, make, scatter
+from test_coda_prompt import D, LAYERS, TOKENS, batch_of, grown, images, make, scatter
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

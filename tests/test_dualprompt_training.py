@@ -17,7 +17,7 @@ from dynammo.methods.dualprompt import DualPrompt, DualPromptModule
 from dynammo.methods.prompt_base import mask_outside_task
 from dynammo.models.prompting import query_features
 from method_helpers import make_method, snapshot
-from test_dualprompt import grown, images, scatter_entries
+from test_dualprompt import D, TOKENS, grown, images, scatter_entries
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
