@@ -14,6 +14,7 @@ from dynammo.errors import UserError
 from dynammo.reporting.discover import discover
 from dynammo.rundir import check_run_dir, run_status
 from dynammo.run.single import resume_run, run_single
+from dynammo.sweep.plan import run_state
 from method_helpers import DIGITS_8PX, QUIET, cli_args
 
 SMALL = cli_args(DIGITS_8PX, QUIET, method="replay", max_train_per_class=12, max_test_per_class=5, memory_size=20,
@@ -53,7 +54,7 @@ def variant(finished, dst, edits: dict):
 def test_run_resume_sweep_and_report_agree(finished, tmp_path, name):
     edits, complete = VARIANTS[name]
     run_dir = variant(finished, tmp_path / "run", edits)
-    assert run_status(run_dir) == ("complete" if complete else "resume")  # the sweep's state
+    assert run_status(run_dir) == run_state(run_dir) == ("complete" if complete else "resume")  # the sweep's state
     found = discover([run_dir])
     if "acc_matrix" in edits:  # not a results.json the report can read at all
         assert not found.runs and not found.unfinished and found.skipped
@@ -68,9 +69,8 @@ def test_run_resume_sweep_and_report_agree(finished, tmp_path, name):
 
 
 def test_an_empty_folder_is_fresh_and_one_with_checkpoints_only_resumes(tmp_path):
-    assert run_status(tmp_path / "nothing") == "fresh"
     (tmp_path / "started" / "checkpoints").mkdir(parents=True)
-    assert run_status(tmp_path / "started") == "resume"
     (tmp_path / "damaged").mkdir()
     (tmp_path / "damaged" / "results.json").write_text("{")
-    assert run_status(tmp_path / "damaged") == "resume"
+    for name, state in (("nothing", "fresh"), ("started", "resume"), ("damaged", "resume")):
+        assert run_status(tmp_path / name) == run_state(tmp_path / name) == state
