@@ -41,7 +41,9 @@ TIER_OF_FIXTURE = {
 }
 # the subprocess module, and the entry points that train in this process
 TIER_OF_NAME = {"subprocess": "e2e", "run_task": "contract", "run_single": "contract", "resume_run": "contract",
-                "Pretraining": "contract", "fit": "contract"}
+                "Pretraining": "contract", "fit": "contract",
+                # test_sweep's helper calls `dynammo sweep` in this process, which starts its runs as subprocesses
+                "sweep_in_process": "e2e"}
 TESTS_DIR = str(Path(__file__).resolve().parent)
 
 
