@@ -19,23 +19,9 @@ The rest is the same in the paper, PyCIL, CL_Pytorch and here:
 - New classes' rows (`fc_init: reference`): initialised as PyCIL's and CL_Pytorch's head
   (kaiming-uniform with the linear gain, row norm ~1, zero bias), not nn.Linear's default.
 
-What we found, side by side with PyCIL's WA on the same arrays (MedNIST 3 tasks x 2 classes at 32 px,
-ResNet-32 from scratch, herding memory 200, 4 epochs per task, seeds 1993-1995): the earlier default
-(CE + KD, clipping, nn.Linear rows) averaged 87.8 against PyCIL's 95.2. The cause is not the 2-class tasks (PyCIL keeps 98-99% at
-task 2 on them) but three departures from PyCIL, two of which make the alignment over-correct:
-- nn.Linear's default rows are ~0.58x as long as the reference's. After a short budget the new rows
-  are still shorter than the old ones, gamma comes out 1.4-1.75 (PyCIL: 1.15-1.2) and scaling the new
-  rows up hands an old class to a new one (seed 1995, PyCIL's recipe: 82.8 at task 2, 19.8% on task 2's
-  classes after task 3, 95.5% with the alignment undone). With the reference's rows, PyCIL's recipe
-  in dynammo averages 95.1 (PyCIL 95.2): the framework difference is gone.
-- The paper's clipping can fail the other way: an old row cannot go negative on the new classes'
-  features, so the new rows need a larger norm to win on their own images; gamma 0.47-0.75 then
-  removes that margin and the new task drops to 0% after task 3 (4 of 9 clipped runs, PyCIL's own WA
-  with clipping added included: seed 1994, 91.0 -> 83.9 average, gamma 0.71; never below 94% in the
-  13 unclipped runs). It is the paper's method, so it stays the default; `wa_preset=reference` (or
-  `weight_clipping=false`) avoids it.
-- CE + KD (`kd_weight: sum`) at task 2 (l = 1/2) is the adaptive loss with a 2x step; at lr 0.05 it
-  did not fit task 2 in one seed (1995: 79.6% training accuracy, an old class lost, 75.2 at task 2).
+The measurements behind these choices (the reference rows, how clipping fails, the CE + KD step),
+taken side by side with PyCIL's WA on the same arrays, and why an old class can be lost at task 2
+after a 2-class first task: docs/wa_pycil.md.
 """
 from __future__ import annotations
 
