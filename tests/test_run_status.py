@@ -8,13 +8,13 @@ import shutil
 
 import pytest
 
+from dynammo.cli import main
 from dynammo.configure import load_config
 from dynammo.console import Console
 from dynammo.errors import UserError
 from dynammo.reporting.discover import discover
 from dynammo.rundir import check_run_dir, run_status
 from dynammo.run.single import resume_run, run_single
-from dynammo.sweep.plan import run_state
 from method_helpers import DIGITS_8PX, QUIET, cli_args
 
 SMALL = cli_args(DIGITS_8PX, QUIET, method="replay", max_train_per_class=12, max_test_per_class=5, memory_size=20,
@@ -38,6 +38,13 @@ def finished(tmp_path_factory):
     return out
 
 
+def sweep_state(run_dir, capsys) -> str:
+    """What `dynammo sweep --state RUN_DIR` prints (the SLURM script asks it)."""
+    capsys.readouterr()
+    assert main(["sweep", "--state", str(run_dir)]) == 0
+    return capsys.readouterr().out.strip()
+
+
 def variant(finished, dst, edits: dict):
     shutil.copytree(finished, dst)
     results = json.loads((dst / "results.json").read_text())
@@ -51,10 +58,10 @@ def variant(finished, dst, edits: dict):
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_run_resume_sweep_and_report_agree(finished, tmp_path, name):
+def test_run_resume_sweep_and_report_agree(finished, tmp_path, name, capsys):
     edits, complete = VARIANTS[name]
     run_dir = variant(finished, tmp_path / "run", edits)
-    assert run_status(run_dir) == run_state(run_dir) == ("complete" if complete else "resume")  # the sweep's state
+    assert run_status(run_dir) == sweep_state(run_dir, capsys) == ("complete" if complete else "resume")  # the sweep's state
     found = discover([run_dir])
     if "acc_matrix" in edits:  # not a results.json the report can read at all
         assert not found.runs and not found.unfinished and found.skipped
@@ -68,9 +75,9 @@ def test_run_resume_sweep_and_report_agree(finished, tmp_path, name):
         resume_run(run_dir, Console(progress="false", quiet=True))
 
 
-def test_an_empty_folder_is_fresh_and_one_with_checkpoints_only_resumes(tmp_path):
+def test_an_empty_folder_is_fresh_and_one_with_checkpoints_only_resumes(tmp_path, capsys):
     (tmp_path / "started" / "checkpoints").mkdir(parents=True)
     (tmp_path / "damaged").mkdir()
     (tmp_path / "damaged" / "results.json").write_text("{")
     for name, state in (("nothing", "fresh"), ("started", "resume"), ("damaged", "resume")):
-        assert run_status(tmp_path / name) == run_state(tmp_path / name) == state
+        assert run_status(tmp_path / name) == sweep_state(tmp_path / name, capsys) == state

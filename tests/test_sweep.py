@@ -22,7 +22,8 @@ import yaml
 
 from dynammo.cli import main
 from dynammo.sweep.local import Sweep, job_env, sweep_lock, threads_per_job
-from dynammo.sweep.plan import plan_sweep, run_state
+from dynammo.rundir import run_status
+from dynammo.sweep.plan import plan_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 # digits at 8 px on a CIFAR ResNet-20, 3 tasks; 3 epochs so that a SIGTERM sent after the first epoch
@@ -102,7 +103,7 @@ def grid(tmp_path_factory):
     proc = subprocess.Popen([sys.executable, "-m", "dynammo", "sweep", *GRID, "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=cli_env())
     try:
-        wait_until(lambda: run_state(first) == "complete" and log_has(second, "task 1/3 train epoch 1/3"),
+        wait_until(lambda: run_status(first) == "complete" and log_has(second, "task 1/3 train epoch 1/3"),
                    proc, "one run complete and the next one training")
         proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=120)
@@ -110,7 +111,7 @@ def grid(tmp_path_factory):
         if proc.poll() is None:
             proc.kill()
     killed = SimpleNamespace(rc=proc.returncode, stdout=stdout, stderr=stderr,
-                             children=live_processes_mentioning(str(out)), second_state=run_state(second),
+                             children=live_processes_mentioning(str(out)), second_state=run_status(second),
                              second_results=json.loads((second / "results.json").read_text())
                              if (second / "results.json").is_file() else None)
     first_before = fingerprint(first / "results.json")
@@ -284,16 +285,16 @@ def test_threads_split_between_jobs_and_gpus_round_robin():
 
 
 def test_state_of_a_run_directory(tmp_path):
-    assert run_state(tmp_path / "absent") == "fresh"
+    assert run_status(tmp_path / "absent") == "fresh"
     (tmp_path / "logs_only").mkdir()
     (tmp_path / "logs_only" / "sweep.log").write_text("error: no data\n")
-    assert run_state(tmp_path / "logs_only") == "fresh"  # a run that failed before writing anything
+    assert run_status(tmp_path / "logs_only") == "fresh"  # a run that failed before writing anything
     for name, status in [("done", "complete"), ("stopped", "interrupted"), ("going", "running"), ("bad", "failed")]:
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps({"method": "x", "acc_matrix": [], "status": status}))
-        assert run_state(tmp_path / name) == ("complete" if status == "complete" else "resume")
+        assert run_status(tmp_path / name) == ("complete" if status == "complete" else "resume")
     (tmp_path / "killed" / "checkpoints").mkdir(parents=True)  # SIGKILLed in its first task
-    assert run_state(tmp_path / "killed") == "resume"
+    assert run_status(tmp_path / "killed") == "resume"
 
 
 def test_state_flag_prints_the_state_and_takes_no_other_option(tmp_path, capsys):

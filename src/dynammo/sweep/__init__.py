@@ -29,7 +29,8 @@ from typing import List, Optional, Tuple
 
 from dynammo.errors import UserError
 from dynammo.sweep.local import Sweep, summary_line, sweep_lock
-from dynammo.sweep.plan import parse_seeds, plan_sweep, run_state
+from dynammo.rundir import run_status
+from dynammo.sweep.plan import parse_seeds, plan_sweep
 from dynammo.sweep.slurm import emit_slurm
 
 REPORT_DIR = "report"  # DIR/report/: the report of every finished run under DIR
@@ -68,7 +69,7 @@ def print_state(args) -> int:
     grid = [*args.config, *args.methods, *args.seeds, *args.overrides, *args.slurm_option]
     if grid or args.jobs != 1 or any(v is not None for v in (args.devices, args.emit_slurm, args.gpus_per_task)):
         raise UserError("--state RUN_DIR takes no other option: it prints complete, resume or fresh for that folder")
-    print(run_state(args.state))
+    print(run_status(args.state))
     return 0
 
 

@@ -15,7 +15,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from dynammo.errors import UserError
 from dynammo.signals import handling_stop_signals
-from dynammo.sweep.plan import Plan, PlannedRun, config_differences, recorded_results, run_state
+from dynammo.rundir import read_results, run_status
+from dynammo.sweep.plan import Plan, PlannedRun, config_differences
 
 RUN_LOG = "sweep.log"  # in each run directory: the run's stderr, one block per attempt
 LOCK_FILE = ".sweep.lock"  # held while a sweep runs on DIR: two sweeps must not resume the same run
@@ -117,18 +118,18 @@ class Sweep:
         return self.outcomes
 
     def _skipped(self, run: PlannedRun) -> bool:
-        if run_state(run.dir) != "complete":
+        if run_status(run.dir) != "complete":
             return False
         differs = config_differences(run)
         kept = (f"; note: it was made with {', '.join(differs[:3])}{' ...' if len(differs) > 3 else ''}: kept as it "
                 f"is (remove {run.dir} to run it again)") if differs else ""
-        text = headline_text(recorded_results(run.dir) or {})
+        text = headline_text(read_results(run.dir) or {})
         self.say(f"{self.tag(run)} skip   {run.name}: already complete ({text}){kept}")
         self.outcomes.append(Outcome(run, "skipped", text=text))
         return True
 
     def _start(self, run: PlannedRun, slot: int) -> Job:
-        mode = run_state(run.dir)
+        mode = run_status(run.dir)
         args = ["resume", str(run.dir)] if mode == "resume" else self.plan.fresh_args(run)
         cmd = [sys.executable, "-m", "dynammo", *args]
         env = job_env(slot, self.threads, self.devices)
@@ -149,7 +150,7 @@ class Sweep:
 
     def _finished(self, job: Job) -> Outcome:
         run, rc, seconds = job.run, job.proc.returncode, time.monotonic() - job.started
-        results = recorded_results(run.dir) or {}
+        results = read_results(run.dir) or {}
         if rc == 0 and results.get("status") == "complete":
             text = headline_text(results)
             self.say(f"{self.tag(run)} done   {run.name}: {text}, {seconds:.1f} s")

@@ -2,7 +2,6 @@
 anything runs, and what a planned run's folder already holds (its state, the config it was made with)."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -16,6 +15,7 @@ from dynammo.errors import UserError
 from dynammo.protocols import (DEFAULT_PROTOCOL, PROTOCOL_KEYS, RESULT_NEUTRAL_KEYS, protocol_names,
                                shipped_method_file)
 from dynammo.registry import closest
+from dynammo.run import seeds_of
 
 
 @dataclass
@@ -126,10 +126,6 @@ def parse_seeds(tokens: Sequence[str]) -> List[int]:
     return list(dict.fromkeys(seeds))
 
 
-def config_seeds(cfg) -> List[int]:
-    return list(cfg.seed) if isinstance(cfg.seed, list) else [cfg.seed]
-
-
 def method_config(sources: List[str], method: str, overrides: List[str]):
     """The validated config of one method (bad input stops here, before anything runs)."""
     try:
@@ -162,7 +158,7 @@ def plan_sweep(sources: Sequence[str], methods: Sequence[str], seeds: Sequence[i
         cfg = method_config(sources, method, given)
         protocol = protocol or cfg.get("protocol")
         check_method_files(cfg.get("protocol"), [method])
-        for seed in seeds or config_seeds(cfg):
+        for seed in seeds or seeds_of(cfg):
             config = {**cfg, "seed": seed}
             runs.append(PlannedRun(len(runs), method, seed, out / method / f"seed{seed}", given, config))
     changed = list(dict.fromkeys(override_key(item) for item in overrides if override_key(item) in PROTOCOL_KEYS))
@@ -178,29 +174,6 @@ def override_key(item: str) -> str:
 
 
 # ---------------------------------------------------------------- the state of a run directory
-
-
-def recorded_results(run_dir: Path) -> Optional[dict]:
-    """results.json, {} when it cannot be read, None when there is none."""
-    try:
-        results = json.loads((Path(run_dir) / "results.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return {}
-    return results if isinstance(results, dict) else {}
-
-
-def run_state(run_dir) -> str:
-    """complete | resume | fresh: skip it, `dynammo resume` it, or `dynammo run` it."""
-    run_dir = Path(run_dir)
-    results = recorded_results(run_dir)
-    # a results.json without `status` predates it and was only written complete (as `dynammo report` reads it)
-    if results and (results.get("status") or "complete") == "complete" and "acc_matrix" in results:
-        return "complete"
-    if results is not None or (run_dir / "checkpoints").is_dir():
-        return "resume"  # `dynammo run` refuses a folder holding a run; resume also restarts one with no task done
-    return "fresh"
 
 
 def config_differences(run: PlannedRun) -> List[str]:
