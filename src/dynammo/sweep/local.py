@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from dynammo.errors import UserError
 from dynammo.signals import handling_stop_signals
-from dynammo.rundir import read_results, run_status
+from dynammo.rundir import is_complete, read_results, run_status
 from dynammo.sweep.plan import Plan, PlannedRun, config_differences
 
 RUN_LOG = "sweep.log"  # in each run directory: the run's stderr, one block per attempt
@@ -151,7 +151,7 @@ class Sweep:
     def _finished(self, job: Job) -> Outcome:
         run, rc, seconds = job.run, job.proc.returncode, time.monotonic() - job.started
         results = read_results(run.dir) or {}
-        if rc == 0 and results.get("status") == "complete":
+        if rc == 0 and is_complete(results):
             text = headline_text(results)
             self.say(f"{self.tag(run)} done   {run.name}: {text}, {seconds:.1f} s")
             return Outcome(run, "complete", job.mode, seconds, text)
