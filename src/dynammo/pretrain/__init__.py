@@ -11,5 +11,6 @@ and writes `backbone.pt`, a state dict that `dynammo run ... pretrained: RUN/bac
 
 One concern per file: config.py (keys, composition), losses.py (the losses, the momentum update,
 the queue), augment.py (the two views, batched on the device), models.py (the networks), knn.py
-(the k-NN monitor, collapse), data.py (which images), run.py (the run directory, resume).
+(the k-NN monitor, collapse), data.py (which images), run.py (the training run inside the shared run
+session), command.py (`dynammo pretrain`: a new run or `--resume`). The random crops are data/crops.py's.
 """
