@@ -38,7 +38,7 @@ from dynammo.errors import UserError
 from dynammo.methods import METHODS
 from dynammo.methods.base import Method
 from dynammo.methods.frozen import (BACKBONE_EPOCHS, FrozenBackboneNet, check_backbone_can_train,
-                                    no_weights_deviation, train_backbone_then_freeze)
+                                    train_backbone_then_freeze)
 from dynammo.models.adapters import AdapterSet, stage_channels
 from dynammo.models.backbones import backbone_kwargs, build_backbone
 from dynammo.models.heads import min_others
@@ -151,6 +151,7 @@ class ACL(Method):
     uses_memory = True
     options = ACL_OPTIONS
     net_class = ACLNet
+    paper_backbone = "an ImageNet-pretrained ResNet-18"
     known_score_name = "others"  # 1 - min over heads of p(others), from min_others
 
     @classmethod
@@ -167,12 +168,6 @@ class ACL(Method):
         check_backbone_can_train(cfg, num_classes)
         check_adapter_stages(cfg)
 
-    @classmethod
-    def deviations(cls, cfg) -> List[str]:
-        out = super().deviations(cfg)
-        if not cfg.pretrained:
-            out.append(no_weights_deviation(cfg, "an ImageNet-pretrained ResNet-18"))
-        return out
 
     # ---- model ----
     def build_network(self) -> AdapterNet:

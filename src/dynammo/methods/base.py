@@ -38,6 +38,7 @@ from dynammo.data.imageset import ImageSet
 from dynammo.data.memory import ExemplarMemory
 from dynammo.data.scenario import Scenario, Task
 from dynammo.engine import Engine
+from dynammo.methods.frozen import no_weights_deviation
 from dynammo.errors import UserError
 from dynammo.models.backbones import backbone_has_stages, backbone_kwargs, build_backbone
 from dynammo.models.network import IncrementalNet
@@ -63,6 +64,8 @@ class Method:
     # the open-set score: "max_softmax" (the runner's default) or the name of what predict returns
     # as "known_score"
     known_score_name = "max_softmax"
+    # the pretrained backbone a frozen-backbone paper starts from; a run without weights says so
+    paper_backbone: Optional[str] = None
 
     def __init__(self, cfg, engine: Engine, scenario: Scenario):
         self.cfg = cfg
@@ -126,13 +129,16 @@ class Method:
     @classmethod
     def deviations(cls, cfg) -> List[str]:
         """One line per place where the run, as configured, departs from the method's paper. Methods
-        add their own (e.g. no pretrained weights) to these option-level ones."""
+        add their own to these option-level ones and the no-weights line."""
         def paper(key):
             value = cls.options[key].faithful
             return "unset" if value is None else value
 
-        return [f"{key}={value} instead of the paper's {paper(key)}: {cls.options[key].help}"
-                for key, value in cls.variant_options(cfg).items()]
+        out = [f"{key}={value} instead of the paper's {paper(key)}: {cls.options[key].help}"
+               for key, value in cls.variant_options(cfg).items()]
+        if cls.paper_backbone and not cfg.pretrained:
+            out.append(no_weights_deviation(cfg, cls.paper_backbone))
+        return out
 
     @classmethod
     def headline_record(cls, cfg) -> Dict[str, str]:

@@ -31,7 +31,7 @@ from dynammo.data.scenario import Task
 from dynammo.errors import UserError
 from dynammo.methods.base import Method
 from dynammo.methods.frozen import (BACKBONE_EPOCHS, FrozenBackboneNet, check_backbone_can_train,
-                                    no_weights_deviation, train_backbone_then_freeze)
+                                    train_backbone_then_freeze)
 from dynammo.models.backbones import backbone_kwargs, build_backbone
 from dynammo.models.backbones.vit import is_vit
 from dynammo.models.heads import IncrementalLinear
@@ -98,12 +98,6 @@ class PromptMethod(Method):
                             "one; use backbone=vit_base_patch16_224 (the paper's), vit_small_patch16_224, "
                             "vit_tiny_patch16_224 or vit_cpu")
 
-    @classmethod
-    def deviations(cls, cfg) -> List[str]:
-        out = super().deviations(cfg)
-        if not cfg.pretrained:
-            out.append(no_weights_deviation(cfg, cls.paper_backbone))
-        return out
 
     # ---- model ----
     def build_prompts(self, vit: nn.Module) -> nn.Module:

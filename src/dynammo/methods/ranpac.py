@@ -46,7 +46,7 @@ from dynammo.methods.base import Method
 from dynammo.methods.first_task import (CNN_ADAPTER_DEVIATION, LAYER_NAMES, TunedBackbone, adapt_on_first_task,
                                         check_adaptation)
 from dynammo.methods.frozen import (BACKBONE_EPOCHS, FrozenBackboneNet, check_backbone_can_train,
-                                    no_weights_deviation, train_backbone_then_freeze)
+                                    train_backbone_then_freeze)
 from dynammo.models.backbones import backbone_kwargs, build_backbone
 
 PAPER_LAMBDAS = [10.0 ** k for k in range(-8, 9)]
@@ -181,8 +181,6 @@ class RanPAC(Method):
     @classmethod
     def deviations(cls, cfg) -> List[str]:
         out = super().deviations(cfg)
-        if not cfg.pretrained:
-            out.append(no_weights_deviation(cfg, cls.paper_backbone))
         if cfg.ranpac_adapt == "adapter":
             out.append(CNN_ADAPTER_DEVIATION)
         return out

@@ -20,7 +20,6 @@ training images.
 """
 from __future__ import annotations
 
-from typing import List
 
 import torch
 import torch.nn as nn
@@ -29,7 +28,7 @@ from dynammo.data.scenario import Task
 from dynammo.methods import METHODS
 from dynammo.methods.base import Method
 from dynammo.methods.frozen import (BACKBONE_EPOCHS, FrozenBackboneNet, check_backbone_can_train,
-                                    no_weights_deviation, train_backbone_then_freeze)
+                                    train_backbone_then_freeze)
 from dynammo.models.backbones import backbone_kwargs, build_backbone
 from dynammo.models.cosine import cosine_similarities
 
@@ -78,12 +77,6 @@ class SimpleCIL(Method):
         super().check_config(cfg, num_classes)
         check_backbone_can_train(cfg, num_classes)
 
-    @classmethod
-    def deviations(cls, cfg) -> List[str]:
-        out = super().deviations(cfg)
-        if not cfg.pretrained:
-            out.append(no_weights_deviation(cfg, cls.paper_backbone))
-        return out
 
     # ---- model ----
     def make_net(self, backbone: nn.Module) -> PrototypeNet:
