@@ -70,3 +70,21 @@ def test_l2p_and_dualprompt_under_codas_protocol_train_as_codas_reimplementation
     # under their own papers' protocols the configured schedule (and clipping) stay
     assert not isinstance(method_helpers.make_method(method).optim_settings(m.scenario.tasks[0]), CodaCosine)
     assert load_config(["cifar100_l2p", method]).coda_schedule == "config"
+
+
+def test_a_frozen_backbone_method_without_weights_says_so_once_and_others_never():
+    """The no-weights line comes from Method.paper_backbone: exactly one line for each method that
+    freezes a pretrained backbone in its paper (after the option lines, before the method's own), none
+    with weights, none for a method that trains its backbone."""
+    frozen = {"simplecil", "aper", "ranpac", "l2p", "dualprompt", "coda_prompt", "acl", "dynammo"}
+    for name in METHODS.names():
+        cls = METHODS.get(name)
+        without = cls.deviations(load_config(["mednist_cpu"], [f"method={name}"]))
+        lines = [d for d in without if "no pretrained weights" in d]
+        assert len(lines) == (name in frozen), (name, without)
+        assert not any("no pretrained weights" in d
+                       for d in cls.deviations(load_config(["mednist_cpu"], [f"method={name}", "pretrained=true"])))
+        if lines:
+            assert cls.paper_backbone in lines[0]
+    ranpac = METHODS.get("ranpac").deviations(load_config(["mednist_cpu"], ["method=ranpac", "ranpac_adapt=adapter"]))
+    assert [i for i, d in enumerate(ranpac) if "no pretrained weights" in d] == [len(ranpac) - 2]

@@ -168,7 +168,6 @@ class ACL(Method):
         check_backbone_can_train(cfg, num_classes)
         check_adapter_stages(cfg)
 
-
     # ---- model ----
     def build_network(self) -> AdapterNet:
         backbone = build_backbone(self.cfg.backbone, self.cfg.pretrained, **backbone_kwargs(self.cfg, self.scenario))

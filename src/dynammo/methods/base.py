@@ -38,8 +38,8 @@ from dynammo.data.imageset import ImageSet
 from dynammo.data.memory import ExemplarMemory
 from dynammo.data.scenario import Scenario, Task
 from dynammo.engine import Engine
-from dynammo.methods.frozen import no_weights_deviation
 from dynammo.errors import UserError
+from dynammo.methods.frozen import no_weights_deviation
 from dynammo.models.backbones import backbone_has_stages, backbone_kwargs, build_backbone
 from dynammo.models.network import IncrementalNet
 from dynammo.optim import OptimSettings

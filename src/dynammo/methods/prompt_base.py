@@ -98,7 +98,6 @@ class PromptMethod(Method):
                             "one; use backbone=vit_base_patch16_224 (the paper's), vit_small_patch16_224, "
                             "vit_tiny_patch16_224 or vit_cpu")
 
-
     # ---- model ----
     def build_prompts(self, vit: nn.Module) -> nn.Module:
         raise NotImplementedError

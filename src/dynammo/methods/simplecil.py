@@ -20,7 +20,6 @@ training images.
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
 
@@ -76,7 +75,6 @@ class SimpleCIL(Method):
     def check_config(cls, cfg, num_classes: int) -> None:
         super().check_config(cfg, num_classes)
         check_backbone_can_train(cfg, num_classes)
-
 
     # ---- model ----
     def make_net(self, backbone: nn.Module) -> PrototypeNet:
